@@ -1,0 +1,31 @@
+"""fastbn: fast, numerically stable batch normalization for NumPy, CuPy, PyTorch and JAX arrays.
+
+The public API::
+
+    y = fastbn.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, axis=1)
+    y, mean, invstd = fastbn.batch_norm_forward(x, weight, bias, eps=1e-5, axis=1)
+    dx, dweight, dbias = fastbn.batch_norm_backward(dy, x, mean, invstd, weight, axis=1)
+    bn = fastbn.BatchNorm(num_features, axis=1)
+    fastbn.reference        # the float64 NumPy oracle
+    fastbn.backends()       # backends usable on this machine
+
+NumPy arrays run on Numba CPU kernels, CuPy arrays on CUDA kernels; other DLPack producers
+are viewed zero-copy. Optional frameworks are imported only when their arrays show up.
+"""
+
+from . import reference
+from .backends import available_backends
+from .functional import batch_norm, batch_norm_backward, batch_norm_forward
+from .layers import BatchNorm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNorm",
+    "available_backends",
+    "backends",
+    "batch_norm",
+    "batch_norm_backward",
+    "batch_norm_forward",
+    "reference",
+]

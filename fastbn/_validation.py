@@ -1,0 +1,233 @@
+"""Argument validation and canonicalization shared by the public API and the reference.
+
+Everything here runs before any kernel: a call that fails validation changes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import sys
+
+import numpy as np
+
+__all__ = [
+    "as_array",
+    "check_axis",
+    "check_eps",
+    "check_momentum",
+    "check_x",
+    "check_per_channel",
+    "check_running_stats",
+    "check_training_batch",
+    "canonical_perm",
+]
+
+_FLOAT_KINDS = "f"
+
+
+def _library_of(obj) -> str:
+    return type(obj).__module__.partition(".")[0]
+
+
+def _is_cupy_array(obj) -> bool:
+    cp = sys.modules.get("cupy")
+    return cp is not None and isinstance(obj, cp.ndarray)
+
+
+def as_array(name: str, obj):
+    """Return ``(array, library, wrap)`` for a user-supplied array argument.
+
+    ``array`` is a ``numpy.ndarray`` or ``cupy.ndarray`` viewing the same memory (no copy);
+    ``library`` is ``"numpy"`` or ``"cupy"``; ``wrap`` converts a result array back to the
+    kind of object the caller passed (identity for NumPy and CuPy input, ``from_dlpack`` of
+    the producing library for other DLPack producers such as torch tensors).
+
+    Raises
+    ------
+    TypeError
+        If `obj` is not an array NumPy or CuPy can view without copying.
+    """
+    if isinstance(obj, np.ndarray):
+        return obj, "numpy", None
+    if _is_cupy_array(obj):
+        return obj, "cupy", None
+    if hasattr(obj, "__cuda_array_interface__"):
+        try:
+            import cupy
+        except ImportError as exc:
+            raise TypeError(
+                f"{name} is a CUDA array ({type(obj).__name__}); handling it needs CuPy, "
+                f"which could not be imported ({exc})"
+            ) from None
+        return cupy.asarray(obj), "cupy", None
+    if hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__"):
+        device_type = int(obj.__dlpack_device__()[0])
+        if device_type in (1, 3):  # kDLCPU, kDLCUDAHost
+            try:
+                arr = np.from_dlpack(obj)
+            except Exception as exc:  # noqa: BLE001 - e.g. unsupported dtype such as bfloat16
+                raise TypeError(
+                    f"{name}: NumPy cannot import this {type(obj).__name__} through DLPack ({exc})"
+                ) from None
+            lib = "numpy"
+        elif device_type in (2, 13):  # kDLCUDA, kDLCUDAManaged
+            try:
+                import cupy
+            except ImportError as exc:
+                raise TypeError(
+                    f"{name} is on a CUDA device; handling it needs CuPy, which could not be "
+                    f"imported ({exc})"
+                ) from None
+            try:
+                arr = cupy.from_dlpack(obj)
+            except Exception as exc:  # noqa: BLE001
+                raise TypeError(
+                    f"{name}: CuPy cannot import this {type(obj).__name__} through DLPack ({exc})"
+                ) from None
+            lib = "cupy"
+        else:
+            raise TypeError(
+                f"{name} lives on a device fastbn has no kernels for (DLPack device type "
+                f"{device_type}); expected a CPU or CUDA array"
+            )
+        return arr, lib, _dlpack_wrapper(obj)
+    raise TypeError(
+        f"{name} must be an array (numpy.ndarray, cupy.ndarray, or an object supporting "
+        f"__cuda_array_interface__ or __dlpack__), got {type(obj).__name__}"
+    )
+
+
+def _dlpack_wrapper(obj):
+    """Return a function turning a NumPy/CuPy result into `obj`'s kind of array, or None."""
+    lib = _library_of(obj)
+    mod = sys.modules.get(lib)
+    if lib == "torch" and mod is not None:
+        return mod.from_dlpack
+    if lib in ("jax", "jaxlib"):
+        jnp = sys.modules.get("jax.numpy")
+        if jnp is not None:
+            return jnp.from_dlpack
+    from_dlpack = getattr(mod, "from_dlpack", None)
+    return from_dlpack
+
+
+def check_float_dtype(name: str, arr, allowed) -> None:
+    """Raise TypeError unless ``arr.dtype`` is one of `allowed`."""
+    if arr.dtype not in allowed:
+        names = ", ".join(str(np.dtype(d)) for d in allowed)
+        raise TypeError(f"{name} must have a floating dtype ({names}), got {arr.dtype}")
+
+
+def check_x(name: str, arr, dtypes) -> None:
+    """Validate the data array: floating dtype supported by the backend, ndim >= 2."""
+    check_float_dtype(name, arr, dtypes)
+    if arr.ndim < 2:
+        raise ValueError(
+            f"{name} must have at least 2 dimensions (a batch axis and a feature axis), "
+            f"got shape {tuple(arr.shape)}"
+        )
+
+
+def check_axis(axis, ndim: int) -> int:
+    """Normalize the feature axis to ``0 <= axis < ndim``."""
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"axis must be an integer, got {type(axis).__name__}")
+    axis = int(axis)
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis {axis} is out of range for an input with {ndim} dimensions")
+    return axis % ndim
+
+
+def check_eps(eps) -> float:
+    """eps must be a real number >= 0 (not NaN)."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
+    eps = float(eps)
+    if not eps >= 0.0 or math.isinf(eps):  # also catches NaN
+        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+    return eps
+
+
+def check_momentum(momentum) -> float:
+    """momentum must be a real number in [0, 1]."""
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+        raise TypeError(f"momentum must be a real number in [0, 1], got {type(momentum).__name__}")
+    momentum = float(momentum)
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+    return momentum
+
+
+def check_per_channel(name: str, obj, num_features: int, library: str, like, *, writable: bool = False):
+    """Validate a per-channel array (weight, bias, running stats, saved statistics).
+
+    Returns the array as a NumPy/CuPy array on the same library as `like` (no copy), or None.
+    """
+    if obj is None:
+        return None
+    arr, lib, _ = as_array(name, obj)
+    if lib != library:
+        raise TypeError(
+            f"{name} is a {lib} array but the input is a {library} array; "
+            "all arrays of one call must live on the same device"
+        )
+    if lib == "cupy" and arr.device != like.device:
+        raise ValueError(
+            f"{name} is on CUDA device {arr.device.id} but the input is on device {like.device.id}"
+        )
+    check_float_dtype(name, arr, (np.float16, np.float32, np.float64))
+    if arr.ndim != 1 or arr.shape[0] != num_features:
+        raise ValueError(
+            f"{name} must have shape ({num_features},) (one value per feature), got {tuple(arr.shape)}"
+        )
+    if writable and not arr.flags.writeable:
+        raise ValueError(f"{name} is read-only, but it is updated in place in training")
+    return arr
+
+
+def check_running_stats(running_mean, running_var, num_features, library, like, *, training):
+    """Validate the running statistics; both or neither must be given."""
+    if (running_mean is None) != (running_var is None):
+        missing = "running_var" if running_var is None else "running_mean"
+        raise ValueError(f"running_mean and running_var must be given together; {missing} is None")
+    rm = check_per_channel("running_mean", running_mean, num_features, library, like, writable=training)
+    rv = check_per_channel("running_var", running_var, num_features, library, like, writable=training)
+    if rm is not None and _shares_memory(rm, rv):
+        raise ValueError("running_mean and running_var must not share memory")
+    return rm, rv
+
+
+def _shares_memory(a, b) -> bool:
+    if isinstance(a, np.ndarray):
+        return np.shares_memory(a, b)
+    return a.data.ptr == b.data.ptr
+
+
+def check_training_batch(shape, axis: int) -> None:
+    """torch's rule: training needs more than one value per channel (an empty batch is allowed)."""
+    size = math.prod(s for i, s in enumerate(shape) if i != axis)
+    if size == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {tuple(shape)}"
+        )
+
+
+def canonical_perm(arr, axis: int):
+    """Return ``(perm, position)``: an axis order in which `arr` is C-contiguous, if one exists.
+
+    `perm` orders the axes by decreasing stride so that ``arr.transpose(perm)`` is
+    C-contiguous for any dense layout (C order, Fortran order, channels-last, ...);
+    `position` is where the feature axis lands. Returns ``(None, axis)`` when no such order
+    exists (sliced, broadcast or negatively strided arrays): the caller copies then.
+    """
+    ndim = arr.ndim
+    if arr.flags.c_contiguous:
+        return tuple(range(ndim)), axis
+    strides = arr.strides
+    shape = arr.shape
+    # Contiguity ignores the strides of size-1 axes, so they may go anywhere (last, here).
+    perm = tuple(sorted(range(ndim), key=lambda i: -strides[i] if shape[i] != 1 else 0))
+    if arr.transpose(perm).flags.c_contiguous:
+        return perm, perm.index(axis)
+    return None, axis

@@ -1,0 +1,154 @@
+"""Backend registry: which kernels run a given array.
+
+Every backend is a module exposing the same small set of functions. They work on the
+*canonical* form of the data and never validate: the public API in
+:mod:`fastbn.functional` validates once, canonicalizes, and calls them.
+
+Backend contract
+----------------
+``x3`` and ``dy3`` are C-contiguous 3-d arrays of shape ``(A, C, B)``: ``A`` is the
+product of the axes before the feature axis (in memory order), ``C`` the number of
+features, ``B`` the product of the axes after it. ``B > 1`` is the *channels-first*
+family (each channel is ``A`` runs of ``B`` contiguous values), ``B == 1`` the
+*channels-last* family (rows of ``C`` contiguous values). ``A * B >= 1`` always: the
+public API handles empty batches itself. ``weight`` and ``bias`` are never ``None``
+(the API passes ones and zeros), are 1-d, contiguous, length ``C`` and of dtype
+``stats_dtype(x3.dtype)``; so are ``mean``, ``var`` and ``invstd``.
+
+``name`` : str
+    The backend's name, as accepted by ``backend=``.
+``xp`` : module
+    The array namespace of the arrays it takes and returns (numpy, cupy).
+``available() -> (bool, str)``
+    Whether the backend can run here, and if not, why.
+``dtypes`` : tuple of numpy dtypes
+    The input dtypes it supports.
+``stats_dtype(dtype) -> numpy.dtype``
+    dtype of the statistics, weight, bias and running stats for input ``dtype``
+    (float16 -> float32, otherwise ``dtype``).
+``forward_train(x3, weight, bias, eps) -> (y3, mean, var, invstd)``
+    Batch statistics over axes 0 and 2 (``var`` is the *biased* variance),
+    ``invstd = 1 / sqrt(var + eps)`` (0 where ``var + eps == 0``), and
+    ``y3 = (x3 - mean) * invstd * weight + bias`` in ``x3.dtype``.
+``forward_eval(x3, mean, var, weight, bias, eps) -> y3``
+    Normalize with given statistics (the running ones).
+``backward(dy3, x3, mean, invstd, weight) -> (dx3, dweight, dbias)``
+    Gradient of the training-mode forward: with ``xhat = (x - mean) * invstd`` and
+    ``M = A * B``: ``dbias = sum(dy)``, ``dweight = sum(dy * xhat)``,
+    ``dx = weight * invstd / M * (M * dy - dbias - xhat * dweight)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from types import ModuleType
+
+__all__ = ["BACKEND_MODULES", "available_backends", "get_backend", "backend_for", "backend_report"]
+
+#: backend name -> module path. Modules are imported only when first needed.
+BACKEND_MODULES = {
+    "cpu": "fastbn.backends.cpu",
+    "reference": "fastbn.backends.reference",
+    "cupy": "fastbn.backends.cupy_raw",
+    "numba-cuda": "fastbn.backends.numba_cuda",
+}
+
+#: the default backend for arrays of each library, by the top-level module of the type.
+DEFAULT_FOR_LIBRARY = {
+    "numpy": "cpu",
+    "cupy": "cupy",
+}
+
+_loaded: dict[str, ModuleType] = {}
+_failed: dict[str, str] = {}
+
+
+def _load(name: str) -> ModuleType:
+    if name in _loaded:
+        return _loaded[name]
+    if name in _failed:
+        raise RuntimeError(f"backend {name!r} is not usable here: {_failed[name]}")
+    try:
+        mod = importlib.import_module(BACKEND_MODULES[name])
+        ok, why = mod.available()
+    except Exception as exc:  # noqa: BLE001 - a broken optional dependency must not break fastbn
+        ok, why = False, f"{type(exc).__name__}: {exc}"
+    if not ok:
+        _failed[name] = why
+        raise RuntimeError(f"backend {name!r} is not usable here: {why}")
+    _loaded[name] = mod
+    return mod
+
+
+def get_backend(name: str) -> ModuleType:
+    """Return the backend module called `name`.
+
+    Parameters
+    ----------
+    name : str
+        One of ``"cpu"``, ``"reference"``, ``"cupy"``, ``"numba-cuda"``.
+
+    Returns
+    -------
+    module
+        The backend module (see the module docstring for its contract).
+
+    Raises
+    ------
+    ValueError
+        If `name` is not a known backend.
+    RuntimeError
+        If the backend is known but cannot run on this machine; the message says why.
+    """
+    if not isinstance(name, str) or name not in BACKEND_MODULES:
+        raise ValueError(f"backend must be one of {sorted(BACKEND_MODULES)} or None, got {name!r}")
+    return _load(name)
+
+
+def backend_report() -> dict[str, str]:
+    """Return ``{backend name: "ok" or the reason it is unusable}`` for every backend."""
+    report = {}
+    for name in BACKEND_MODULES:
+        try:
+            _load(name)
+            report[name] = "ok"
+        except RuntimeError:
+            report[name] = _failed[name]
+    return report
+
+
+def available_backends() -> list[str]:
+    """Return the names of the backends usable on this machine, e.g. ``["cpu", "reference"]``."""
+    return [name for name, state in backend_report().items() if state == "ok"]
+
+
+def library_of(obj) -> str:
+    """Top-level module name of ``type(obj)``, e.g. ``"numpy"`` or ``"cupy"``."""
+    return type(obj).__module__.partition(".")[0]
+
+
+def backend_for(library: str) -> ModuleType:
+    """Default backend module for arrays of `library` (``"numpy"``, ``"cupy"``)."""
+    name = DEFAULT_FOR_LIBRARY[library]
+    if library == "cupy":
+        # The faster GPU backend is the default (measured: see bench/results); fall back
+        # to the other one if it is not usable here.
+        for candidate in (name, "numba-cuda"):
+            try:
+                return _load(candidate)
+            except RuntimeError:
+                continue
+    return _load(name)
+
+
+
+class _CallableModule(ModuleType):
+    """This package, callable: ``fastbn.backends()`` is :func:`available_backends`."""
+
+    def __call__(self) -> list[str]:
+        """Return the names of the backends usable on this machine."""
+        return available_backends()
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,66 @@
+"""The ``"reference"`` backend: the float64 oracle behind the backend contract.
+
+Computes in float64 with plain NumPy on the canonical ``(A, C, B)`` form and rounds the
+results to the input's dtype (statistics to :func:`stats_dtype`). Slow; meant for checking
+other backends and for machines where Numba cannot run.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+name = "reference"
+xp = np
+dtypes = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+def available():
+    """The reference needs only NumPy: always ``(True, "")``."""
+    return True, ""
+
+
+def stats_dtype(dtype):
+    """float16 data keeps float32 statistics; other dtypes keep their own."""
+    dtype = np.dtype(dtype)
+    return np.dtype(np.float32) if dtype == np.float16 else dtype
+
+
+def _invstd(var, eps):
+    denom = var + eps
+    safe = np.where(denom > 0, denom, 1.0)
+    return np.where(denom > 0, 1.0 / np.sqrt(safe), 0.0)
+
+
+def forward_train(x3, weight, bias, eps):
+    """Batch statistics and normalized output (see the backend contract)."""
+    sd = stats_dtype(x3.dtype)
+    x = x3.astype(np.float64)
+    mean = x.mean(axis=(0, 2))
+    centered = x - mean[None, :, None]
+    var = (centered * centered).mean(axis=(0, 2))
+    invstd = _invstd(var, eps)
+    alpha = invstd * weight.astype(np.float64)
+    y = centered * alpha[None, :, None] + bias.astype(np.float64)[None, :, None]
+    return y.astype(x3.dtype), mean.astype(sd), var.astype(sd), invstd.astype(sd)
+
+
+def forward_eval(x3, mean, var, weight, bias, eps):
+    """Normalize with given statistics (see the backend contract)."""
+    alpha = _invstd(var.astype(np.float64), eps) * weight.astype(np.float64)
+    beta = bias.astype(np.float64) - mean.astype(np.float64) * alpha
+    y = x3.astype(np.float64) * alpha[None, :, None] + beta[None, :, None]
+    return y.astype(x3.dtype)
+
+
+def backward(dy3, x3, mean, invstd, weight):
+    """Gradient of the training-mode forward (see the backend contract)."""
+    sd = stats_dtype(x3.dtype)
+    m = x3.shape[0] * x3.shape[2]
+    inv = invstd.astype(np.float64)[None, :, None]
+    xhat = (x3.astype(np.float64) - mean.astype(np.float64)[None, :, None]) * inv
+    dy = dy3.astype(np.float64)
+    dbias = dy.sum(axis=(0, 2))
+    dweight = (dy * xhat).sum(axis=(0, 2))
+    scale = weight.astype(np.float64)[None, :, None] * inv / m
+    dx = scale * (m * dy - dbias[None, :, None] - xhat * dweight[None, :, None])
+    return dx.astype(x3.dtype), dweight.astype(sd), dbias.astype(sd)

@@ -1,0 +1,353 @@
+"""The public functional API: validate once, canonicalize, dispatch, update state last.
+
+Every function takes the same kinds of arrays: NumPy arrays run on the CPU kernels, CuPy
+arrays (and objects with ``__cuda_array_interface__``) on the GPU kernels, and other objects
+with ``__dlpack__`` (torch tensors, JAX arrays) are viewed zero-copy through DLPack and the
+results are handed back as the same kind of object.
+
+The data is viewed as a 3-d array ``(A, C, B)`` (see :mod:`fastbn.backends`): for any dense
+memory layout (C order, Fortran order, channels-last) the axes are reordered by stride so
+that the view is free, and outputs get the input's memory layout. Other inputs (sliced,
+broadcast) are copied once to a contiguous array.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+
+import numpy as np
+
+from . import _validation as v
+from . import backends as _backends
+
+__all__ = ["batch_norm", "batch_norm_forward", "batch_norm_backward"]
+
+
+# --------------------------------------------------------------------------- dispatch
+def _select_backend(library: str, backend):
+    """Backend module for arrays of `library`, honouring an explicit `backend=`."""
+    if backend is None:
+        try:
+            return _backends.backend_for(library)
+        except RuntimeError as exc:
+            if library != "numpy":
+                raise
+            warnings.warn(f"{exc}; falling back to the slow 'reference' backend", RuntimeWarning,
+                          stacklevel=4)
+            return _backends.get_backend("reference")
+    be = _backends.get_backend(backend)
+    be_lib = be.xp.__name__.partition(".")[0]
+    if be_lib != library:
+        raise TypeError(f"backend {backend!r} runs on {be_lib} arrays, but x is a {library} array")
+    return be
+
+
+def _prepare(x, axis, backend):
+    arr, lib, wrap = v.as_array("x", x)
+    be = _select_backend(lib, backend)
+    v.check_x("x", arr, be.dtypes)
+    ax = v.check_axis(axis, arr.ndim)
+    return arr, lib, wrap, be, ax
+
+
+def _check_training_flag(training) -> bool:
+    if not isinstance(training, (bool, np.bool_)):
+        raise TypeError(f"training must be a bool, got {type(training).__name__}")
+    return bool(training)
+
+
+# --------------------------------------------------------------------------- canonical form
+class _Canon:
+    """The ``(A, C, B)`` view of an array and how to turn results back into its layout."""
+
+    __slots__ = ("perm", "tshape", "x3")
+
+    def __init__(self, arr, ax, xp):
+        perm, pos = v.canonical_perm(arr, ax)
+        if perm is None:
+            xt = xp.ascontiguousarray(arr)
+            perm, pos = None, ax
+        elif perm == tuple(range(arr.ndim)):
+            xt, perm = arr, None
+        else:
+            xt = arr.transpose(perm)
+        shape = xt.shape
+        self.perm = perm
+        self.tshape = shape
+        self.x3 = xt.reshape(math.prod(shape[:pos]), shape[pos], math.prod(shape[pos + 1:]))
+
+    def same_layout(self, other, xp):
+        """View `other` (same shape as the input) in this canonical order, copying if needed."""
+        if self.perm is not None:
+            other = other.transpose(self.perm)
+        return xp.ascontiguousarray(other).reshape(self.x3.shape)
+
+    def restore(self, y3):
+        """Turn an ``(A, C, B)`` result back into the input's shape and memory layout."""
+        y = y3.reshape(self.tshape)
+        if self.perm is None:
+            return y
+        inverse = [0] * len(self.perm)
+        for i, p in enumerate(self.perm):
+            inverse[p] = i
+        return y.transpose(inverse)
+
+
+@functools.lru_cache(maxsize=64)
+def _host_constant(value: float, c: int, dtype: str):
+    return np.full(c, value, dtype=dtype)
+
+
+def _param(arr, default: float, c: int, be, like):
+    """weight/bias as a contiguous array of the backend's statistics dtype."""
+    sd = be.stats_dtype(like.dtype)
+    if arr is None:
+        if be.xp is np:
+            return _host_constant(default, c, sd.str)
+        return be.xp.full(c, default, dtype=sd)
+    if arr.dtype == sd and arr.flags.c_contiguous:
+        return arr
+    return be.xp.ascontiguousarray(arr, dtype=sd)
+
+
+def _wrap(wrap, *arrays):
+    if wrap is None:
+        return arrays if len(arrays) > 1 else arrays[0]
+    out = tuple(wrap(a) for a in arrays)
+    return out if len(out) > 1 else out[0]
+
+
+# --------------------------------------------------------------------------- training forward
+def _forward_train(arr, ax, be, w, b, eps, rm, rv, momentum):
+    """Run the training forward and update the running stats last. Returns y, mean, invstd."""
+    xp = be.xp
+    c = arr.shape[ax]
+    sd = be.stats_dtype(arr.dtype)
+    if arr.size == 0:
+        # Nothing to normalize: an empty result, undefined (NaN) statistics, state untouched.
+        nan = xp.full(c, np.nan, dtype=sd)
+        return xp.empty_like(arr), nan, nan.copy()
+    canon = _Canon(arr, ax, xp)
+    y3, mean, var, invstd = be.forward_train(
+        canon.x3, _param(w, 1.0, c, be, arr), _param(b, 0.0, c, be, arr), eps
+    )
+    if rm is not None:
+        m = canon.x3.shape[0] * canon.x3.shape[2]
+        mean64 = mean.astype(xp.float64)
+        unbiased = var.astype(xp.float64) * (m / (m - 1))
+        new_rm = (1.0 - momentum) * rm.astype(xp.float64) + momentum * mean64
+        new_rv = (1.0 - momentum) * rv.astype(xp.float64) + momentum * unbiased
+        rm[...] = new_rm
+        rv[...] = new_rv
+    return canon.restore(y3), mean, invstd
+
+
+def batch_norm_forward(x, weight=None, bias=None, *, eps=1e-5, axis=1, running_mean=None,
+                       running_var=None, momentum=0.1, backend=None):
+    """Training-mode batch normalization that also returns what the backward pass needs.
+
+    Normalizes `x` with the statistics of the batch, computed over every axis except
+    `axis`: ``y = (x - mean) / sqrt(var + eps) * weight + bias`` with the biased variance.
+
+    Parameters
+    ----------
+    x : array
+        Input with at least 2 dimensions and more than one value per feature: a
+        ``numpy.ndarray`` (CPU kernels), ``cupy.ndarray`` or ``__cuda_array_interface__``
+        object (GPU kernels), or any ``__dlpack__`` object (returned as the same kind).
+        float16, float32 or float64; any memory layout.
+    weight, bias : array or None, optional
+        Per-feature scale and shift, shape ``(x.shape[axis],)``; None means 1 and 0.
+    eps : float, optional
+        Added to the variance for numerical stability; ``>= 0``.
+    axis : int, optional
+        The feature (channel) axis: 1 for NCHW and (N, C), -1 for channels-last.
+    running_mean, running_var : array or None, optional
+        If given (both), updated in place after the computation succeeded:
+        ``r = (1 - momentum) * r + momentum * batch_stat``, with the unbiased batch variance
+        for `running_var`.
+    momentum : float, optional
+        In ``[0, 1]``.
+    backend : str or None, optional
+        Force a backend (``"cpu"``, ``"reference"``, ``"cupy"``, ``"numba-cuda"``); None picks
+        the default for the array's library.
+
+    Returns
+    -------
+    y : array
+        Normalized output: same shape, dtype and memory layout as `x`.
+    save_mean : array
+        Batch mean per feature (float32 for float16 input, else the input dtype).
+    save_invstd : array
+        ``1 / sqrt(var + eps)`` per feature; 0 where ``var + eps == 0``.
+
+    Raises
+    ------
+    TypeError
+        For an argument of the wrong kind or dtype, or arrays from different libraries.
+    ValueError
+        For shape or length mismatches, an out-of-range axis, ``ndim < 2``, a single value
+        per feature, a negative or NaN `eps`, `momentum` outside ``[0, 1]``, or read-only
+        running statistics. Nothing is modified when an error is raised.
+
+    Examples
+    --------
+    >>> import numpy as np, fastbn
+    >>> x = np.random.default_rng(0).normal(5.0, 2.0, size=(32, 4)).astype(np.float32)
+    >>> y, mean, invstd = fastbn.batch_norm_forward(x)
+    >>> bool(np.allclose(y.mean(axis=0), 0, atol=1e-5))
+    True
+    """
+    arr, lib, wrap, be, ax = _prepare(x, axis, backend)
+    eps = v.check_eps(eps)
+    momentum = v.check_momentum(momentum)
+    v.check_training_batch(arr.shape, ax)
+    c = arr.shape[ax]
+    w = v.check_per_channel("weight", weight, c, lib, arr)
+    b = v.check_per_channel("bias", bias, c, lib, arr)
+    rm, rv = v.check_running_stats(running_mean, running_var, c, lib, arr, training=True)
+    return _wrap(wrap, *_forward_train(arr, ax, be, w, b, eps, rm, rv, momentum))
+
+
+def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5, *, axis=1, backend=None):
+    """Batch normalization with ``torch.nn.functional.batch_norm``'s signature and semantics.
+
+    Parameters
+    ----------
+    x : array
+        Input with at least 2 dimensions (see :func:`batch_norm_forward` for the kinds of
+        arrays accepted).
+    running_mean, running_var : array or None
+        Running statistics per feature. With ``training=False`` they normalize `x` and are
+        not changed; with ``training=True`` they are updated in place. If both are None,
+        the batch statistics are used in either mode.
+    weight, bias : array or None, optional
+        Per-feature scale and shift; None means 1 and 0.
+    training : bool, optional
+        Normalize with (and record) the batch statistics.
+    momentum : float, optional
+        Weight of the batch statistics in the running average, in ``[0, 1]``.
+    eps : float, optional
+        Added to the variance for numerical stability; ``>= 0``.
+    axis : int, optional
+        The feature (channel) axis.
+    backend : str or None, optional
+        Force a backend; None picks the default for the array's library.
+
+    Returns
+    -------
+    array
+        Normalized output with the shape, dtype and memory layout of `x`.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`batch_norm_forward`; the single-value-per-feature check applies in
+        training only, as in torch.
+
+    Examples
+    --------
+    >>> import numpy as np, fastbn
+    >>> x = np.ones((8, 3, 4, 4), dtype=np.float32)
+    >>> rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    >>> y = fastbn.batch_norm(x, rm, rv)             # eval: uses the running stats
+    >>> float(y[0, 0, 0, 0]) == float(1 / np.sqrt(1 + 1e-5, dtype=np.float32))
+    True
+    """
+    training = _check_training_flag(training)
+    arr, lib, wrap, be, ax = _prepare(x, axis, backend)
+    eps = v.check_eps(eps)
+    momentum = v.check_momentum(momentum)
+    if training:
+        v.check_training_batch(arr.shape, ax)
+    c = arr.shape[ax]
+    w = v.check_per_channel("weight", weight, c, lib, arr)
+    b = v.check_per_channel("bias", bias, c, lib, arr)
+    rm, rv = v.check_running_stats(running_mean, running_var, c, lib, arr, training=training)
+    if training or rm is None:
+        return _wrap(wrap, _forward_train(arr, ax, be, w, b, eps, rm if training else None,
+                                          rv if training else None, momentum)[0])
+    xp = be.xp
+    if arr.size == 0:
+        return _wrap(wrap, xp.empty_like(arr))
+    canon = _Canon(arr, ax, xp)
+    y3 = be.forward_eval(canon.x3, _param(rm, 0.0, c, be, arr), _param(rv, 1.0, c, be, arr),
+                         _param(w, 1.0, c, be, arr), _param(b, 0.0, c, be, arr), eps)
+    return _wrap(wrap, canon.restore(y3))
+
+
+# --------------------------------------------------------------------------- backward
+def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *, axis=1, backend=None):
+    """Gradients of training-mode batch normalization.
+
+    With ``xhat = (x - mean) * invstd`` and ``M`` values per feature:
+    ``dbias = sum(dy)``, ``dweight = sum(dy * xhat)``,
+    ``dx = weight * invstd / M * (M * dy - dbias - xhat * dweight)``.
+
+    Parameters
+    ----------
+    dy : array
+        Gradient of the loss with respect to the forward output; same shape as `x`.
+    x : array
+        The forward input.
+    save_mean, save_invstd : array
+        The statistics returned by :func:`batch_norm_forward` for this `x`.
+    weight : array or None, optional
+        The forward weight; None means 1.
+    axis : int, optional
+        The feature axis used in the forward pass.
+    backend : str or None, optional
+        Force a backend; None picks the default for the array's library.
+
+    Returns
+    -------
+    dx : array
+        Gradient with respect to `x`: shape, dtype and memory layout of `x`.
+    dweight, dbias : array
+        Gradients with respect to the weight and bias (statistics dtype), returned even
+        when `weight` is None.
+
+    Raises
+    ------
+    TypeError, ValueError
+        For arguments of the wrong kind, dtype or shape (see :func:`batch_norm_forward`).
+
+    Examples
+    --------
+    >>> import numpy as np, fastbn
+    >>> x = np.random.default_rng(0).normal(size=(16, 3)).astype(np.float32)
+    >>> y, mean, invstd = fastbn.batch_norm_forward(x)
+    >>> dx, dw, db = fastbn.batch_norm_backward(np.ones_like(y), x, mean, invstd)
+    >>> bool(np.abs(dx).max() < 1e-5)       # a constant upstream gradient is absorbed
+    True
+    """
+    arr, lib, wrap, be, ax = _prepare(x, axis, backend)
+    d, dlib, _ = v.as_array("dy", dy)
+    if dlib != lib:
+        raise TypeError(f"dy is a {dlib} array but x is a {lib} array; "
+                        "all arrays of one call must live on the same device")
+    v.check_float_dtype("dy", d, (np.float16, np.float32, np.float64))
+    if d.shape != arr.shape:
+        raise ValueError(f"dy must have the shape of x {tuple(arr.shape)}, got {tuple(d.shape)}")
+    c = arr.shape[ax]
+    if save_mean is None or save_invstd is None:
+        raise TypeError("save_mean and save_invstd must be the arrays returned by "
+                        "batch_norm_forward, got None")
+    mean = v.check_per_channel("save_mean", save_mean, c, lib, arr)
+    invstd = v.check_per_channel("save_invstd", save_invstd, c, lib, arr)
+    w = v.check_per_channel("weight", weight, c, lib, arr)
+
+    xp = be.xp
+    sd = be.stats_dtype(arr.dtype)
+    if arr.size == 0:
+        return _wrap(wrap, xp.empty_like(arr), xp.zeros(c, dtype=sd), xp.zeros(c, dtype=sd))
+    canon = _Canon(arr, ax, xp)
+    if d.dtype != arr.dtype:
+        d = d.astype(arr.dtype)
+    dy3 = canon.same_layout(d, xp)
+    dx3, dweight, dbias = be.backward(dy3, canon.x3, _param(mean, 0.0, c, be, arr),
+                                      _param(invstd, 1.0, c, be, arr), _param(w, 1.0, c, be, arr))
+    return _wrap(wrap, canon.restore(dx3), dweight, dbias)

@@ -1,0 +1,316 @@
+"""A stateful batch-normalization layer on top of the functional API."""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from . import _validation as v
+from .functional import batch_norm, batch_norm_backward, batch_norm_forward
+
+__all__ = ["BatchNorm"]
+
+_STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def _array_module(device: str):
+    if device == "cpu":
+        return np
+    if device == "gpu":
+        try:
+            import cupy
+        except ImportError as exc:
+            raise ValueError(f"device='gpu' needs CuPy, which could not be imported ({exc})") from None
+        return cupy
+    raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
+
+
+class BatchNorm:
+    """Batch normalization layer with ``torch.nn.BatchNorm*d``'s state and semantics.
+
+    Holds the affine parameters and the running statistics, and calls the functional API
+    (:func:`fastbn.batch_norm_forward`, :func:`fastbn.batch_norm_backward`,
+    :func:`fastbn.batch_norm`). It works on NumPy arrays (``device="cpu"``) or CuPy arrays
+    (``device="gpu"``), with the feature axis anywhere.
+
+    Parameters
+    ----------
+    num_features : int
+        Number of features (channels), the length of `axis`.
+    axis : int, optional
+        The feature axis of the inputs: 1 for NCHW and (N, C), -1 for channels-last.
+    eps : float, optional
+        Added to the variance for numerical stability.
+    momentum : float or None, optional
+        Weight of each batch in the running statistics; None gives the cumulative average
+        over ``num_batches_tracked`` batches, as in torch.
+    affine : bool, optional
+        Learn a per-feature `weight` (init 1) and `bias` (init 0).
+    track_running_stats : bool, optional
+        Keep running statistics (used in eval mode). If False, batch statistics are used in
+        both modes and `running_mean`, `running_var`, `num_batches_tracked` are None.
+    dtype : str or numpy.dtype, optional
+        dtype of the parameters and running statistics (float32 or float64).
+    device : {"cpu", "gpu"}, optional
+        Where the parameters live: NumPy arrays or CuPy arrays.
+
+    Attributes
+    ----------
+    weight, bias : array or None
+        The affine parameters.
+    grad_weight, grad_bias : array or None
+        Their gradients, set (overwritten) by :meth:`backward`.
+    running_mean, running_var : array or None
+        Running statistics (init 0 and 1).
+    num_batches_tracked : int or None
+        Training batches seen.
+    training : bool
+        Training mode (batch statistics) or eval mode (running statistics).
+
+    Examples
+    --------
+    >>> import numpy as np, fastbn
+    >>> bn = fastbn.BatchNorm(3)
+    >>> x = np.random.default_rng(0).normal(size=(16, 3, 8, 8)).astype(np.float32)
+    >>> y = bn(x)
+    >>> dx = bn.backward(np.ones_like(y))
+    >>> bn.num_batches_tracked
+    1
+    """
+
+    def __init__(self, num_features, *, axis=1, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, dtype="float32", device="cpu"):
+        if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) \
+                or num_features < 1:
+            raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
+        if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+            raise TypeError(f"axis must be an integer, got {type(axis).__name__}")
+        eps = v.check_eps(eps)
+        if momentum is not None:
+            momentum = v.check_momentum(momentum)
+        try:
+            dt = np.dtype(dtype)
+        except TypeError:
+            raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
+        if dt not in (np.float32, np.float64):
+            raise TypeError(f"dtype must be float32 or float64, got {dt}")
+        xp = _array_module(device)
+
+        self.num_features = int(num_features)
+        self.axis = int(axis)
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self.dtype = dt
+        self.device = device
+        self.xp = xp
+        self.training = True
+        c = self.num_features
+        self.weight = xp.ones(c, dtype=dt) if affine else None
+        self.bias = xp.zeros(c, dtype=dt) if affine else None
+        self.grad_weight = None
+        self.grad_bias = None
+        if track_running_stats:
+            self.running_mean = xp.zeros(c, dtype=dt)
+            self.running_var = xp.ones(c, dtype=dt)
+            self.num_batches_tracked = 0
+        else:
+            self.running_mean = self.running_var = self.num_batches_tracked = None
+        self._saved = None
+
+    # ------------------------------------------------------------------ modes
+    def train(self, mode=True):
+        """Set training mode (batch statistics) or, with ``mode=False``, eval mode.
+
+        Returns
+        -------
+        BatchNorm
+            self
+        """
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Set eval mode: normalize with the running statistics.
+
+        Returns
+        -------
+        BatchNorm
+            self
+        """
+        return self.train(False)
+
+    # ------------------------------------------------------------------ forward / backward
+    def __call__(self, x):
+        """Normalize `x` (see :meth:`forward`)."""
+        return self.forward(x)
+
+    def forward(self, x):
+        """Normalize `x` and remember what :meth:`backward` needs.
+
+        In training mode (or without running statistics) the batch statistics are used and
+        the running statistics updated; in eval mode the running statistics are used.
+
+        Parameters
+        ----------
+        x : array
+            Input whose `axis` has length `num_features`.
+
+        Returns
+        -------
+        array
+            The normalized output.
+        """
+        use_batch_stats = self.training or self.running_mean is None
+        if not use_batch_stats:
+            y = batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                           training=False, eps=self.eps, axis=self.axis)
+            self._saved = ("eval", x)
+            return y
+        record = self.training and self.track_running_stats
+        momentum = 0.0
+        if record:
+            if self.momentum is None:
+                momentum = 1.0 / (self.num_batches_tracked + 1)
+            else:
+                momentum = self.momentum
+        y, mean, invstd = batch_norm_forward(
+            x, self.weight, self.bias, eps=self.eps, axis=self.axis,
+            running_mean=self.running_mean if record else None,
+            running_var=self.running_var if record else None, momentum=momentum,
+        )
+        if record:
+            self.num_batches_tracked += 1
+        self._saved = ("train", x, mean, invstd)
+        return y
+
+    def backward(self, dy):
+        """Gradient with respect to the last forward input; sets `grad_weight`, `grad_bias`.
+
+        Parameters
+        ----------
+        dy : array
+            Gradient of the loss with respect to the last output.
+
+        Returns
+        -------
+        array
+            Gradient with respect to the last input.
+
+        Raises
+        ------
+        RuntimeError
+            If no forward pass was made.
+        """
+        if self._saved is None:
+            raise RuntimeError("backward() needs a forward pass first")
+        if self._saved[0] == "train":
+            _, x, mean, invstd = self._saved
+            dx, dw, db = batch_norm_backward(dy, x, mean, invstd, self.weight, axis=self.axis)
+        else:
+            dx, dw, db = self._eval_backward(dy, self._saved[1])
+        if self.affine:
+            self.grad_weight, self.grad_bias = dw, db
+        return dx
+
+    def _eval_backward(self, dy, x):
+        # In eval mode the statistics are constants: y = x * alpha + beta per feature.
+        xp = self.xp
+        x = xp.asarray(x)
+        dy = xp.asarray(dy)
+        if dy.shape != x.shape:
+            raise ValueError(f"dy must have the shape of x {tuple(x.shape)}, got {tuple(dy.shape)}")
+        ax = self.axis % x.ndim
+        shape = [1] * x.ndim
+        shape[ax] = self.num_features
+        red = tuple(i for i in range(x.ndim) if i != ax)
+        denom = self.running_var.astype(xp.float64) + self.eps
+        positive = denom > 0
+        invstd = xp.where(positive, 1.0 / xp.sqrt(xp.where(positive, denom, 1.0)), 0.0)
+        w = self.weight.astype(xp.float64) if self.affine else 1.0
+        xhat = (x.astype(xp.float64) - self.running_mean.astype(xp.float64).reshape(shape)) \
+            * invstd.reshape(shape)
+        dy64 = dy.astype(xp.float64)
+        db = dy64.sum(axis=red)
+        dw = (dy64 * xhat).sum(axis=red)
+        dx = dy64 * (w * invstd).reshape(shape)
+        sd = self.dtype
+        return dx.astype(x.dtype), dw.astype(sd), db.astype(sd)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self):
+        """Return copies of the parameters and buffers under torch's BatchNorm key names.
+
+        Returns
+        -------
+        dict
+            ``weight``, ``bias`` (if affine), ``running_mean``, ``running_var``,
+            ``num_batches_tracked`` (if tracking; a 0-d int64 array).
+        """
+        state = {}
+        if self.affine:
+            state["weight"] = self.weight.copy()
+            state["bias"] = self.bias.copy()
+        if self.track_running_stats:
+            state["running_mean"] = self.running_mean.copy()
+            state["running_var"] = self.running_var.copy()
+            state["num_batches_tracked"] = np.array(self.num_batches_tracked, dtype=np.int64)
+        return state
+
+    def load_state_dict(self, state_dict, strict=True):
+        """Load parameters and buffers saved by :meth:`state_dict` (or by torch's BatchNorm).
+
+        Every entry is validated before anything is assigned.
+
+        Parameters
+        ----------
+        state_dict : mapping
+            Arrays (or anything ``numpy.asarray`` accepts, e.g. torch CPU tensors) by key.
+        strict : bool, optional
+            Require exactly the keys this layer has.
+
+        Raises
+        ------
+        KeyError
+            With ``strict=True``, if keys are missing or unexpected.
+        ValueError
+            If an entry has the wrong shape.
+        """
+        expected = [k for k in _STATE_KEYS
+                    if (k in ("weight", "bias") and self.affine)
+                    or (k not in ("weight", "bias") and self.track_running_stats)]
+        if strict:
+            missing = [k for k in expected if k not in state_dict]
+            unexpected = [k for k in state_dict if k not in expected]
+            if missing or unexpected:
+                raise KeyError(f"state_dict mismatch: missing keys {missing}, unexpected keys {unexpected}")
+        xp = self.xp
+        new = {}
+        for key in expected:
+            if key not in state_dict:
+                continue
+            value = state_dict[key]
+            if hasattr(value, "detach"):  # torch tensors
+                value = value.detach().cpu().numpy()
+            if key == "num_batches_tracked":
+                arr = np.asarray(value.get() if hasattr(value, "get") else value)
+                if arr.shape != () or arr.dtype.kind not in "iu":
+                    raise ValueError(f"num_batches_tracked must be a scalar integer, got {arr!r}")
+                new[key] = int(arr)
+                continue
+            arr = xp.asarray(value)
+            if arr.shape != (self.num_features,):
+                raise ValueError(f"{key} must have shape ({self.num_features},), got {tuple(arr.shape)}")
+            if arr.dtype.kind != "f":
+                raise TypeError(f"{key} must be a floating array, got dtype {arr.dtype}")
+            new[key] = arr.astype(self.dtype, copy=True)
+        for key, value in new.items():
+            setattr(self, key, value)
+
+    def __repr__(self):
+        return (f"BatchNorm({self.num_features}, axis={self.axis}, eps={self.eps}, "
+                f"momentum={self.momentum}, affine={self.affine}, "
+                f"track_running_stats={self.track_running_stats}, dtype={self.dtype}, "
+                f"device={self.device!r})")

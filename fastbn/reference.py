@@ -1,0 +1,207 @@
+"""The float64 NumPy oracle.
+
+Plain, obviously correct batch normalization, written for reading rather than speed. It
+has the same three functions as the public API (:func:`batch_norm`,
+:func:`batch_norm_forward`, :func:`batch_norm_backward`) with the same arguments and
+validation, but always computes in float64 with two-pass statistics and returns float64
+arrays, so that tests can compare every backend against it. It works on the array in its
+own shape (reducing over every axis but `axis`), independently of the canonical
+``(A, C, B)`` form the kernels use. Running statistics given in training are updated in
+place (rounded to their own dtype), exactly as the public API does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _validation as v
+
+__all__ = ["batch_norm", "batch_norm_forward", "batch_norm_backward"]
+
+_DTYPES = (np.float16, np.float32, np.float64)
+
+
+def _numpy(name, obj):
+    arr, lib, _ = v.as_array(name, obj)
+    if lib != "numpy":
+        raise TypeError(f"{name}: the reference runs on NumPy arrays only, got a {lib} array")
+    return arr
+
+
+def _setup(x, axis):
+    x = _numpy("x", x)
+    v.check_x("x", x, _DTYPES)
+    axis = v.check_axis(axis, x.ndim)
+    reduce_axes = tuple(i for i in range(x.ndim) if i != axis)
+    shape = [1] * x.ndim
+    shape[axis] = x.shape[axis]
+    return x, axis, reduce_axes, tuple(shape)
+
+
+def _per_channel(name, a, c, like, *, default=None, writable=False):
+    a = v.check_per_channel(name, a, c, "numpy", like, writable=writable)
+    if a is None:
+        return None if default is None else np.full(c, default, dtype=np.float64)
+    return a.astype(np.float64)
+
+
+def _invstd(var, eps):
+    denom = var + eps
+    with np.errstate(divide="ignore"):
+        return np.where(denom > 0, 1.0 / np.sqrt(np.where(denom > 0, denom, 1.0)), 0.0)
+
+
+def batch_norm_forward(x, weight=None, bias=None, *, eps=1e-5, axis=1, running_mean=None,
+                       running_var=None, momentum=0.1, backend=None):
+    """Training-mode batch normalization in float64.
+
+    Parameters
+    ----------
+    x : numpy.ndarray
+        Input with at least 2 dimensions, float16/32/64.
+    weight, bias : numpy.ndarray or None
+        Per-feature scale and shift (length ``x.shape[axis]``); None means 1 and 0.
+    eps : float
+        Added to the variance before the square root.
+    axis : int
+        The feature axis; statistics reduce over every other axis.
+    running_mean, running_var : numpy.ndarray or None
+        Running statistics, updated in place if given.
+    momentum : float
+        Weight of the new batch statistics in the running average.
+    backend : None
+        Accepted for signature compatibility; must be None or ``"reference"``.
+
+    Returns
+    -------
+    y : numpy.ndarray
+        float64 output, same shape as `x`.
+    mean, invstd : numpy.ndarray
+        float64 batch mean and ``1 / sqrt(var + eps)`` (biased variance), per feature.
+    """
+    _check_backend(backend)
+    x, axis, red, shape = _setup(x, axis)
+    c = x.shape[axis]
+    eps = v.check_eps(eps)
+    momentum = v.check_momentum(momentum)
+    v.check_training_batch(x.shape, axis)
+    w = _per_channel("weight", weight, c, x, default=1.0)
+    b = _per_channel("bias", bias, c, x, default=0.0)
+    rm, rv = v.check_running_stats(running_mean, running_var, c, "numpy", x, training=True)
+
+    x64 = x.astype(np.float64)
+    m = x.size // c if c else 0
+    if m == 0:
+        nan = np.full(c, np.nan)
+        return x64.copy(), nan, nan.copy()
+    mean = x64.mean(axis=red)
+    centered = x64 - mean.reshape(shape)
+    var = (centered * centered).mean(axis=red)  # biased; two-pass
+    invstd = _invstd(var, eps)
+    y = centered * invstd.reshape(shape) * w.reshape(shape) + b.reshape(shape)
+    if rm is not None:
+        unbiased = var * (m / (m - 1))
+        rm[...] = (1.0 - momentum) * rm.astype(np.float64) + momentum * mean
+        rv[...] = (1.0 - momentum) * rv.astype(np.float64) + momentum * unbiased
+    return y, mean, invstd
+
+
+def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5, *, axis=1, backend=None):
+    """Batch normalization with ``torch.nn.functional.batch_norm``'s semantics, in float64.
+
+    Parameters
+    ----------
+    x : numpy.ndarray
+        Input with at least 2 dimensions.
+    running_mean, running_var : numpy.ndarray or None
+        Running statistics: used to normalize when ``training`` is False, updated in
+        place when it is True.
+    weight, bias : numpy.ndarray or None
+        Per-feature scale and shift; None means 1 and 0.
+    training : bool
+        Use (and record) batch statistics instead of the running ones.
+    momentum : float
+        Weight of the batch statistics in the running average.
+    eps : float
+        Added to the variance before the square root.
+    axis : int
+        The feature axis.
+    backend : None
+        Must be None or ``"reference"``.
+
+    Returns
+    -------
+    numpy.ndarray
+        The float64 output.
+    """
+    _check_backend(backend)
+    if training or running_mean is None and running_var is None:
+        return batch_norm_forward(x, weight, bias, eps=eps, axis=axis, running_mean=running_mean,
+                                  running_var=running_var, momentum=momentum)[0]
+    x, axis, red, shape = _setup(x, axis)
+    c = x.shape[axis]
+    eps = v.check_eps(eps)
+    v.check_momentum(momentum)
+    w = _per_channel("weight", weight, c, x, default=1.0)
+    b = _per_channel("bias", bias, c, x, default=0.0)
+    rm, rv = v.check_running_stats(running_mean, running_var, c, "numpy", x, training=False)
+    invstd = _invstd(rv.astype(np.float64), eps)
+    x64 = x.astype(np.float64)
+    return (x64 - rm.astype(np.float64).reshape(shape)) * (invstd * w).reshape(shape) + b.reshape(shape)
+
+
+def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *, axis=1, backend=None):
+    """Gradient of training-mode batch normalization, in float64.
+
+    Parameters
+    ----------
+    dy : numpy.ndarray
+        Gradient of the loss with respect to the output; same shape as `x`.
+    x : numpy.ndarray
+        The forward input.
+    save_mean, save_invstd : numpy.ndarray
+        The batch statistics returned by :func:`batch_norm_forward`.
+    weight : numpy.ndarray or None
+        The forward weight; None means 1.
+    axis : int
+        The feature axis.
+    backend : None
+        Must be None or ``"reference"``.
+
+    Returns
+    -------
+    dx : numpy.ndarray
+        float64 gradient with respect to `x`.
+    dweight, dbias : numpy.ndarray
+        float64 gradients with respect to the weight and bias.
+    """
+    _check_backend(backend)
+    x, axis, red, shape = _setup(x, axis)
+    dy = _numpy("dy", dy)
+    v.check_float_dtype("dy", dy, _DTYPES)
+    if dy.shape != x.shape:
+        raise ValueError(f"dy must have the shape of x {tuple(x.shape)}, got {tuple(dy.shape)}")
+    c = x.shape[axis]
+    mean = _per_channel("save_mean", save_mean, c, x)
+    invstd = _per_channel("save_invstd", save_invstd, c, x)
+    if mean is None or invstd is None:
+        raise TypeError("save_mean and save_invstd must be arrays, got None")
+    w = _per_channel("weight", weight, c, x, default=1.0)
+
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    m = x.size // c if c else 0
+    if m == 0:
+        return x64.copy(), np.zeros(c), np.zeros(c)
+    xhat = (x64 - mean.reshape(shape)) * invstd.reshape(shape)
+    dbias = dy64.sum(axis=red)
+    dweight = (dy64 * xhat).sum(axis=red)
+    dx = (w * invstd).reshape(shape) / m * (
+        m * dy64 - dbias.reshape(shape) - xhat * dweight.reshape(shape)
+    )
+    return dx, dweight, dbias
+
+
+def _check_backend(backend):
+    if backend not in (None, "reference"):
+        raise ValueError(f"the reference ignores backends; backend must be None or 'reference', got {backend!r}")
