@@ -190,7 +190,8 @@ def check_running_stats(running_mean, running_var, num_features, library, like, 
     """Validate the running statistics; both or neither must be given."""
     if (running_mean is None) != (running_var is None):
         missing = "running_var" if running_var is None else "running_mean"
-        raise ValueError(f"running_mean and running_var must be given together; {missing} is None")
+        raise ValueError("running_mean and running_var must either both be None or neither be "
+                         f"None; {missing} is None")
     rm = check_per_channel("running_mean", running_mean, num_features, library, like, writable=training)
     rv = check_per_channel("running_var", running_var, num_features, library, like, writable=training)
     if rm is not None and _shares_memory(rm, rv):
@@ -202,6 +203,27 @@ def _shares_memory(a, b) -> bool:
     if isinstance(a, np.ndarray):
         return np.shares_memory(a, b)
     return a.data.ptr == b.data.ptr
+
+
+def check_backward_args(dy, x, library, c, save_mean, save_invstd, weight):
+    """Validate the arguments of a backward call (x already validated).
+
+    Returns ``(dy, mean, invstd, weight)`` as arrays of `library` (weight may be None).
+    """
+    d, dlib, _ = as_array("dy", dy)
+    if dlib != library:
+        raise TypeError(f"dy is a {dlib} array but x is a {library} array; "
+                        "all arrays of one call must live on the same device")
+    check_float_dtype("dy", d, (np.float16, np.float32, np.float64))
+    if d.shape != x.shape:
+        raise ValueError(f"dy must have the shape of x {tuple(x.shape)}, got {tuple(d.shape)}")
+    if save_mean is None or save_invstd is None:
+        raise TypeError("save_mean and save_invstd must be the arrays returned by "
+                        "batch_norm_forward, got None")
+    mean = check_per_channel("save_mean", save_mean, c, library, x)
+    invstd = check_per_channel("save_invstd", save_invstd, c, library, x)
+    w = check_per_channel("weight", weight, c, library, x)
+    return d, mean, invstd, w
 
 
 def check_training_batch(shape, axis: int) -> None:

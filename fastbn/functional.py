@@ -222,8 +222,8 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         arrays accepted).
     running_mean, running_var : array or None
         Running statistics per feature. With ``training=False`` they normalize `x` and are
-        not changed; with ``training=True`` they are updated in place. If both are None,
-        the batch statistics are used in either mode.
+        not changed (they are required then, as in torch); with ``training=True`` they are
+        updated in place if given.
     weight, bias : array or None, optional
         Per-feature scale and shift; None means 1 and 0.
     training : bool, optional
@@ -267,9 +267,11 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     w = v.check_per_channel("weight", weight, c, lib, arr)
     b = v.check_per_channel("bias", bias, c, lib, arr)
     rm, rv = v.check_running_stats(running_mean, running_var, c, lib, arr, training=training)
-    if training or rm is None:
-        return _wrap(wrap, _forward_train(arr, ax, be, w, b, eps, rm if training else None,
-                                          rv if training else None, momentum)[0])
+    if training:
+        return _wrap(wrap, _forward_train(arr, ax, be, w, b, eps, rm, rv, momentum)[0])
+    if rm is None:
+        raise ValueError("running_mean and running_var must be given when training=False "
+                         "(eval mode normalizes with them)")
     xp = be.xp
     if arr.size == 0:
         return _wrap(wrap, xp.empty_like(arr))
@@ -325,20 +327,8 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *, axis=1, b
     True
     """
     arr, lib, wrap, be, ax = _prepare(x, axis, backend)
-    d, dlib, _ = v.as_array("dy", dy)
-    if dlib != lib:
-        raise TypeError(f"dy is a {dlib} array but x is a {lib} array; "
-                        "all arrays of one call must live on the same device")
-    v.check_float_dtype("dy", d, (np.float16, np.float32, np.float64))
-    if d.shape != arr.shape:
-        raise ValueError(f"dy must have the shape of x {tuple(arr.shape)}, got {tuple(d.shape)}")
     c = arr.shape[ax]
-    if save_mean is None or save_invstd is None:
-        raise TypeError("save_mean and save_invstd must be the arrays returned by "
-                        "batch_norm_forward, got None")
-    mean = v.check_per_channel("save_mean", save_mean, c, lib, arr)
-    invstd = v.check_per_channel("save_invstd", save_invstd, c, lib, arr)
-    w = v.check_per_channel("weight", weight, c, lib, arr)
+    d, mean, invstd, w = v.check_backward_args(dy, arr, lib, c, save_mean, save_invstd, weight)
 
     xp = be.xp
     sd = be.stats_dtype(arr.dtype)

@@ -163,6 +163,13 @@ class BatchNorm:
         array
             The normalized output.
         """
+        arr, _, _ = v.as_array("x", x)
+        if arr.ndim >= 2:
+            ax = v.check_axis(self.axis, arr.ndim)
+            if arr.shape[ax] != self.num_features:
+                raise ValueError(f"x has {arr.shape[ax]} features along axis {self.axis} (shape "
+                                 f"{tuple(arr.shape)}), but this layer has num_features="
+                                 f"{self.num_features}")
         use_batch_stats = self.training or self.running_mean is None
         if not use_batch_stats:
             y = batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,

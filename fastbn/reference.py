@@ -115,8 +115,8 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     x : numpy.ndarray
         Input with at least 2 dimensions.
     running_mean, running_var : numpy.ndarray or None
-        Running statistics: used to normalize when ``training`` is False, updated in
-        place when it is True.
+        Running statistics: used to normalize when ``training`` is False (required then),
+        updated in place when it is True.
     weight, bias : numpy.ndarray or None
         Per-feature scale and shift; None means 1 and 0.
     training : bool
@@ -136,7 +136,9 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         The float64 output.
     """
     _check_backend(backend)
-    if training or running_mean is None and running_var is None:
+    if not isinstance(training, (bool, np.bool_)):
+        raise TypeError(f"training must be a bool, got {type(training).__name__}")
+    if training:
         return batch_norm_forward(x, weight, bias, eps=eps, axis=axis, running_mean=running_mean,
                                   running_var=running_var, momentum=momentum)[0]
     x, axis, red, shape = _setup(x, axis)
@@ -146,6 +148,9 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     w = _per_channel("weight", weight, c, x, default=1.0)
     b = _per_channel("bias", bias, c, x, default=0.0)
     rm, rv = v.check_running_stats(running_mean, running_var, c, "numpy", x, training=False)
+    if rm is None:
+        raise ValueError("running_mean and running_var must be given when training=False "
+                         "(eval mode normalizes with them)")
     invstd = _invstd(rv.astype(np.float64), eps)
     x64 = x.astype(np.float64)
     return (x64 - rm.astype(np.float64).reshape(shape)) * (invstd * w).reshape(shape) + b.reshape(shape)
@@ -178,16 +183,10 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *, axis=1, b
     """
     _check_backend(backend)
     x, axis, red, shape = _setup(x, axis)
-    dy = _numpy("dy", dy)
-    v.check_float_dtype("dy", dy, _DTYPES)
-    if dy.shape != x.shape:
-        raise ValueError(f"dy must have the shape of x {tuple(x.shape)}, got {tuple(dy.shape)}")
     c = x.shape[axis]
-    mean = _per_channel("save_mean", save_mean, c, x)
-    invstd = _per_channel("save_invstd", save_invstd, c, x)
-    if mean is None or invstd is None:
-        raise TypeError("save_mean and save_invstd must be arrays, got None")
-    w = _per_channel("weight", weight, c, x, default=1.0)
+    dy, mean, invstd, w = v.check_backward_args(dy, x, "numpy", c, save_mean, save_invstd, weight)
+    mean, invstd = mean.astype(np.float64), invstd.astype(np.float64)
+    w = np.ones(c) if w is None else w.astype(np.float64)
 
     x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
     m = x.size // c if c else 0
