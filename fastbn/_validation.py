@@ -23,7 +23,7 @@ __all__ = [
     "canonical_perm",
 ]
 
-_FLOAT_KINDS = "f"
+_FLOAT_DTYPES = frozenset(np.dtype(t) for t in (np.float16, np.float32, np.float64))
 
 
 def _library_of(obj) -> str:
@@ -48,7 +48,7 @@ def as_array(name: str, obj):
     TypeError
         If `obj` is not an array NumPy or CuPy can view without copying.
     """
-    if isinstance(obj, np.ndarray):
+    if type(obj) is np.ndarray or isinstance(obj, np.ndarray):
         return obj, "numpy", None
     if _is_cupy_array(obj):
         return obj, "cupy", None
@@ -115,13 +115,14 @@ def _dlpack_wrapper(obj):
 def check_float_dtype(name: str, arr, allowed) -> None:
     """Raise TypeError unless ``arr.dtype`` is one of `allowed`."""
     if arr.dtype not in allowed:
-        names = ", ".join(str(np.dtype(d)) for d in allowed)
+        names = ", ".join(sorted(str(np.dtype(d)) for d in allowed))
         raise TypeError(f"{name} must have a floating dtype ({names}), got {arr.dtype}")
 
 
 def check_x(name: str, arr, dtypes) -> None:
     """Validate the data array: floating dtype supported by the backend, ndim >= 2."""
-    check_float_dtype(name, arr, dtypes)
+    if arr.dtype not in dtypes:
+        check_float_dtype(name, arr, dtypes)
     if arr.ndim < 2:
         raise ValueError(
             f"{name} must have at least 2 dimensions (a batch axis and a feature axis), "
@@ -131,6 +132,8 @@ def check_x(name: str, arr, dtypes) -> None:
 
 def check_axis(axis, ndim: int) -> int:
     """Normalize the feature axis to ``0 <= axis < ndim``."""
+    if type(axis) is int and -ndim <= axis < ndim:  # fast path
+        return axis % ndim
     if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
         raise TypeError(f"axis must be an integer, got {type(axis).__name__}")
     axis = int(axis)
@@ -141,6 +144,8 @@ def check_axis(axis, ndim: int) -> int:
 
 def check_eps(eps) -> float:
     """eps must be a real number >= 0 (not NaN)."""
+    if type(eps) is float and 0.0 <= eps < math.inf:  # fast path; NaN fails the comparison
+        return eps
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
     eps = float(eps)
@@ -151,6 +156,8 @@ def check_eps(eps) -> float:
 
 def check_momentum(momentum) -> float:
     """momentum must be a real number in [0, 1]."""
+    if type(momentum) is float and 0.0 <= momentum <= 1.0:  # fast path
+        return momentum
     if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
         raise TypeError(f"momentum must be a real number in [0, 1], got {type(momentum).__name__}")
     momentum = float(momentum)
@@ -166,6 +173,9 @@ def check_per_channel(name: str, obj, num_features: int, library: str, like, *, 
     """
     if obj is None:
         return None
+    if (type(obj) is np.ndarray and library == "numpy" and obj.shape == (num_features,)
+            and obj.dtype in _FLOAT_DTYPES and (obj.flags.writeable or not writable)):
+        return obj  # fast path for the common case; the checks below explain any failure
     arr, lib, _ = as_array(name, obj)
     if lib != library:
         raise TypeError(
@@ -188,6 +198,8 @@ def check_per_channel(name: str, obj, num_features: int, library: str, like, *, 
 
 def check_running_stats(running_mean, running_var, num_features, library, like, *, training):
     """Validate the running statistics; both or neither must be given."""
+    if running_mean is None and running_var is None:
+        return None, None
     if (running_mean is None) != (running_var is None):
         missing = "running_var" if running_var is None else "running_mean"
         raise ValueError("running_mean and running_var must either both be None or neither be "
@@ -228,7 +240,8 @@ def check_backward_args(dy, x, library, c, save_mean, save_invstd, weight):
 
 def check_training_batch(shape, axis: int) -> None:
     """torch's rule: training needs more than one value per channel (an empty batch is allowed)."""
-    size = math.prod(s for i, s in enumerate(shape) if i != axis)
+    c = shape[axis]
+    size = math.prod(shape) // c if c else 0
     if size == 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {tuple(shape)}"

@@ -13,7 +13,6 @@ broadcast) are copied once to a contiguous array.
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 
@@ -26,17 +25,17 @@ __all__ = ["batch_norm", "batch_norm_forward", "batch_norm_backward"]
 
 
 # --------------------------------------------------------------------------- dispatch
+_default_backend = {}
+
+
 def _select_backend(library: str, backend):
     """Backend module for arrays of `library`, honouring an explicit `backend=`."""
     if backend is None:
-        try:
-            return _backends.backend_for(library)
-        except RuntimeError as exc:
-            if library != "numpy":
-                raise
-            warnings.warn(f"{exc}; falling back to the slow 'reference' backend", RuntimeWarning,
-                          stacklevel=4)
-            return _backends.get_backend("reference")
+        be = _default_backend.get(library)
+        if be is not None:
+            return be
+        be = _default_backend[library] = _default_for(library)
+        return be
     be = _backends.get_backend(backend)
     be_lib = be.xp.__name__.partition(".")[0]
     if be_lib != library:
@@ -44,10 +43,27 @@ def _select_backend(library: str, backend):
     return be
 
 
+def _default_for(library: str):
+        try:
+            return _backends.backend_for(library)
+        except RuntimeError as exc:
+            if library != "numpy":
+                raise
+            warnings.warn(f"{exc}; falling back to the slow 'reference' backend", RuntimeWarning,
+                          stacklevel=5)
+            return _backends.get_backend("reference")
+
+
+_dtype_sets: dict = {}
+
+
 def _prepare(x, axis, backend):
     arr, lib, wrap = v.as_array("x", x)
     be = _select_backend(lib, backend)
-    v.check_x("x", arr, be.dtypes)
+    dtypes = _dtype_sets.get(be.name)
+    if dtypes is None:
+        dtypes = _dtype_sets[be.name] = frozenset(np.dtype(d) for d in be.dtypes)
+    v.check_x("x", arr, dtypes)
     ax = v.check_axis(axis, arr.ndim)
     return arr, lib, wrap, be, ax
 
@@ -65,18 +81,23 @@ class _Canon:
     __slots__ = ("perm", "tshape", "x3")
 
     def __init__(self, arr, ax, xp):
-        perm, pos = v.canonical_perm(arr, ax)
-        if perm is None:
-            xt = xp.ascontiguousarray(arr)
-            perm, pos = None, ax
-        elif perm == tuple(range(arr.ndim)):
-            xt, perm = arr, None
+        if arr.flags.c_contiguous:  # fast path: the common case
+            xt, perm, pos = arr, None, ax
         else:
-            xt = arr.transpose(perm)
+            perm, pos = v.canonical_perm(arr, ax)
+            if perm is None:
+                xt = xp.ascontiguousarray(arr)
+                pos = ax
+            else:
+                xt = arr.transpose(perm)
         shape = xt.shape
         self.perm = perm
         self.tshape = shape
-        self.x3 = xt.reshape(math.prod(shape[:pos]), shape[pos], math.prod(shape[pos + 1:]))
+        a = 1
+        for n in shape[:pos]:
+            a *= n
+        self.x3 = xt.reshape(a, shape[pos], xt.size // (a * shape[pos]) if xt.size else
+                             math.prod(shape[pos + 1:]))
 
     def same_layout(self, other, xp):
         """View `other` (same shape as the input) in this canonical order, copying if needed."""
@@ -95,17 +116,35 @@ class _Canon:
         return y.transpose(inverse)
 
 
-@functools.lru_cache(maxsize=64)
-def _host_constant(value: float, c: int, dtype: str):
-    return np.full(c, value, dtype=dtype)
+_stats_dtypes: dict = {}
 
 
-def _param(arr, default: float, c: int, be, like):
-    """weight/bias as a contiguous array of the backend's statistics dtype."""
-    sd = be.stats_dtype(like.dtype)
+def _stats_dtype(be, dtype):
+    """``be.stats_dtype(dtype)``, memoized (it is on the hot path of every call)."""
+    key = (be.name, dtype)
+    sd = _stats_dtypes.get(key)
+    if sd is None:
+        sd = _stats_dtypes[key] = np.dtype(be.stats_dtype(dtype))
+    return sd
+
+
+_host_constants: dict = {}
+
+
+def _param(arr, default: float, c: int, be, sd):
+    """A per-feature array as a contiguous array of dtype `sd`; None becomes `default`s.
+
+    Constants for NumPy are cached (the kernels never write their inputs).
+    """
     if arr is None:
         if be.xp is np:
-            return _host_constant(default, c, sd.str)
+            key = (default, c, sd)
+            const = _host_constants.get(key)
+            if const is None:
+                if len(_host_constants) > 256:
+                    _host_constants.clear()
+                const = _host_constants[key] = np.full(c, default, dtype=sd)
+            return const
         return be.xp.full(c, default, dtype=sd)
     if arr.dtype == sd and arr.flags.c_contiguous:
         return arr
@@ -124,21 +163,23 @@ def _forward_train(arr, ax, be, w, b, eps, rm, rv, momentum):
     """Run the training forward and update the running stats last. Returns y, mean, invstd."""
     xp = be.xp
     c = arr.shape[ax]
-    sd = be.stats_dtype(arr.dtype)
+    sd = _stats_dtype(be, arr.dtype)
     if arr.size == 0:
         # Nothing to normalize: an empty result, undefined (NaN) statistics, state untouched.
         nan = xp.full(c, np.nan, dtype=sd)
         return xp.empty_like(arr), nan, nan.copy()
     canon = _Canon(arr, ax, xp)
     y3, mean, var, invstd = be.forward_train(
-        canon.x3, _param(w, 1.0, c, be, arr), _param(b, 0.0, c, be, arr), eps
+        canon.x3, _param(w, 1.0, c, be, sd), _param(b, 0.0, c, be, sd), eps
     )
     if rm is not None:
+        # torch's update, in the running statistics' own dtype; both new values are formed
+        # before either array is written.
         m = canon.x3.shape[0] * canon.x3.shape[2]
-        mean64 = mean.astype(xp.float64)
-        unbiased = var.astype(xp.float64) * (m / (m - 1))
-        new_rm = (1.0 - momentum) * rm.astype(xp.float64) + momentum * mean64
-        new_rv = (1.0 - momentum) * rv.astype(xp.float64) + momentum * unbiased
+        new_rm = rm * (1.0 - momentum)
+        new_rm += mean * momentum
+        new_rv = rv * (1.0 - momentum)
+        new_rv += var * (momentum * m / (m - 1))
         rm[...] = new_rm
         rv[...] = new_rv
     return canon.restore(y3), mean, invstd
@@ -275,9 +316,10 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     xp = be.xp
     if arr.size == 0:
         return _wrap(wrap, xp.empty_like(arr))
+    sd = _stats_dtype(be, arr.dtype)
     canon = _Canon(arr, ax, xp)
-    y3 = be.forward_eval(canon.x3, _param(rm, 0.0, c, be, arr), _param(rv, 1.0, c, be, arr),
-                         _param(w, 1.0, c, be, arr), _param(b, 0.0, c, be, arr), eps)
+    y3 = be.forward_eval(canon.x3, _param(rm, 0.0, c, be, sd), _param(rv, 1.0, c, be, sd),
+                         _param(w, 1.0, c, be, sd), _param(b, 0.0, c, be, sd), eps)
     return _wrap(wrap, canon.restore(y3))
 
 
@@ -331,13 +373,13 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *, axis=1, b
     d, mean, invstd, w = v.check_backward_args(dy, arr, lib, c, save_mean, save_invstd, weight)
 
     xp = be.xp
-    sd = be.stats_dtype(arr.dtype)
+    sd = _stats_dtype(be, arr.dtype)
     if arr.size == 0:
         return _wrap(wrap, xp.empty_like(arr), xp.zeros(c, dtype=sd), xp.zeros(c, dtype=sd))
     canon = _Canon(arr, ax, xp)
     if d.dtype != arr.dtype:
         d = d.astype(arr.dtype)
     dy3 = canon.same_layout(d, xp)
-    dx3, dweight, dbias = be.backward(dy3, canon.x3, _param(mean, 0.0, c, be, arr),
-                                      _param(invstd, 1.0, c, be, arr), _param(w, 1.0, c, be, arr))
+    dx3, dweight, dbias = be.backward(dy3, canon.x3, _param(mean, 0.0, c, be, sd),
+                                      _param(invstd, 1.0, c, be, sd), _param(w, 1.0, c, be, sd))
     return _wrap(wrap, canon.restore(dx3), dweight, dbias)
