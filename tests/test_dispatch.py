@@ -91,3 +91,17 @@ def test_fork_after_parallel_use():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "0", out.stdout + out.stderr
+
+
+def test_threading_layer_is_thread_and_fork_safe():
+    """With the tbb wheel installed (a dependency on x86-64), Numba picks the tbb layer."""
+    import platform
+
+    import numba
+
+    fastbn.batch_norm_forward(np.ones((65536, 4), np.float32))
+    layer = numba.threading_layer()
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert layer == "tbb"
+    else:
+        assert layer in ("tbb", "omp", "workqueue")

@@ -36,6 +36,11 @@ public API handles empty batches itself. ``weight`` and ``bias`` are never ``Non
     Gradient of the training-mode forward: with ``xhat = (x - mean) * invstd`` and
     ``M = A * B``: ``dbias = sum(dy)``, ``dweight = sum(dy * xhat)``,
     ``dx = weight * invstd / M * (M * dy - dbias - xhat * dweight)``.
+``update_running_stats(running_mean, running_var, mean, var, momentum, M)`` (optional)
+    torch's running-statistics update in place, called by the API after ``forward_train``
+    succeeded: ``r = (1 - momentum) * r + momentum * stat`` with the unbiased variance
+    ``var * M / (M - 1)``. The running statistics may have any floating dtype and need not be
+    contiguous. Backends without it get the same update from array operations.
 """
 
 from __future__ import annotations
