@@ -191,7 +191,7 @@ def check_per_channel(name: str, obj, num_features: int, library: str, like, *, 
         raise ValueError(
             f"{name} must have shape ({num_features},) (one value per feature), got {tuple(arr.shape)}"
         )
-    if writable and not arr.flags.writeable:
+    if writable and not getattr(arr.flags, "writeable", True):  # CuPy arrays are always writable
         raise ValueError(f"{name} is read-only, but it is updated in place in training")
     return arr
 
