@@ -1,0 +1,714 @@
+"""The ``"numba-cuda"`` backend: batch normalization kernels written with ``numba.cuda``.
+
+The kernels follow the same plan as the CUDA C kernels of the ``"cupy"`` backend
+(``fastbn/kernels/batchnorm.cu``; the launch plan is :func:`fastbn.backends._cuda_shim.plan`):
+partial statistics on a 2-d grid (channels x splits of the reduced axis) with per-thread
+Welford states, merged with Chan's formula in shared memory and in a finalize kernel;
+a channels-last family with threads along the columns; the backward pass as one
+two-sum reduction and one elementwise pass. Two differences, both so that the kernels
+run unchanged under Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``), which is how
+they are tested on machines without a GPU: block reductions use shared-memory trees
+instead of warp shuffles (the simulator has no shuffles), and loads are scalar.
+
+Arrays in and out are CuPy arrays (``xp`` is cupy); they are handed to the kernels
+zero-copy through ``__cuda_array_interface__`` and every launch goes to CuPy's current
+stream. The ``_forward_train``/``_forward_eval``/``_backward`` functions take an
+allocator and a stream, so the same code runs on NumPy arrays under the simulator.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import math
+
+import numpy as np
+
+from fastbn.backends import _cuda_shim
+
+__all__ = ["name", "dtypes", "available", "stats_dtype", "forward_train", "forward_eval",
+           "backward"]
+
+name = "numba-cuda"
+dtypes = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+#: size of the shared-memory arrays of the block reductions = the most threads per block
+_MAXT = _cuda_shim.MAX_THREADS
+#: channels per block of the finalize kernels (one group of 32 threads per channel)
+_FINALIZE_GROUPS = 8
+
+#: the numba.cuda module, set by :func:`kernels` on first use (never imported eagerly)
+cuda = None
+
+
+def __getattr__(attr):
+    # ``xp`` is the cupy module, imported only when asked for.
+    if attr == "xp":
+        import cupy
+
+        return cupy
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
+
+
+def available() -> tuple[bool, str]:
+    """Whether numba-cuda, CuPy and a CUDA device are usable here.
+
+    The cheap checks come first, so that on a machine without CuPy or numba-cuda
+    nothing heavy is imported just to report that.
+
+    Returns
+    -------
+    (bool, str)
+        ``(True, "ok")`` or ``(False, reason)``.
+    """
+    if _cuda_shim.simulator_enabled():
+        return False, "the CUDA simulator is enabled (NUMBA_ENABLE_CUDASIM=1): no real device"
+    if importlib.util.find_spec("cupy") is None:
+        return False, "cupy is not installed (the numba-cuda backend takes and returns CuPy arrays)"
+    if importlib.util.find_spec("numba_cuda") is None:
+        return False, "numba-cuda is not installed"
+    from fastbn.backends import cupy_raw
+
+    ok, why = cupy_raw.available()
+    if not ok:
+        return False, why
+    why = _cuda_shim.numba_cuda_unavailable_reason()
+    if why is not None:
+        return False, why
+    return True, "ok"
+
+
+def stats_dtype(dtype) -> np.dtype:
+    """dtype of the statistics and parameters for input `dtype` (float16 -> float32).
+
+    Parameters
+    ----------
+    dtype : numpy dtype-like
+        Input dtype.
+
+    Returns
+    -------
+    numpy.dtype
+    """
+    dtype = np.dtype(dtype)
+    return np.dtype(np.float32) if dtype == np.float16 else dtype
+
+
+# ----------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------
+
+
+@functools.cache
+def kernels(acc_name: str) -> dict:
+    """Build (lazily compiled) kernels accumulating in ``acc_name`` ("float32"/"float64").
+
+    Parameters
+    ----------
+    acc_name : str
+        ``"float32"`` (float16 and float32 data) or ``"float64"``.
+
+    Returns
+    -------
+    dict
+        Kernel name -> ``numba.cuda`` dispatcher. All data arrays are 1-d (flattened
+        ``(A, C, B)`` views).
+    """
+    # `cuda` must be a module global: the simulator swaps the globals of kernels
+    global cuda
+    cuda = _cuda_shim.numba_cuda_module()
+    device = _cuda_shim.device_function_decorator()
+    acc = np.float32 if acc_name == "float32" else np.float64
+    MAXT = _MAXT
+
+    @device
+    def merge(mean, m2, n, mean_b, m2_b, n_b):
+        # Chan et al.: returns the merged (mean, m2, n); exact for empty sides.
+        nn = n + n_b
+        if nn == 0:
+            return mean, m2, n
+        delta = mean_b - mean
+        fb = acc(n_b) / acc(nn)
+        return mean + delta * fb, m2 + m2_b + delta * delta * acc(n) * fb, nn
+
+    @device
+    def merge_d(mean, m2, n, mean_b, m2_b, n_b):
+        nn = n + n_b
+        if nn == 0:
+            return mean, m2, n
+        delta = mean_b - mean
+        fb = np.float64(n_b) / np.float64(nn)
+        return mean + delta * fb, m2 + m2_b + delta * delta * np.float64(n) * fb, nn
+
+    @device
+    def tree_merge(s_mean, s_m2, s_n, slot, stride, h0, mean, m2, n, lead):
+        # Merge states s[slot + k * stride], k < 2 * h0, into k == 0. `lead` is this
+        # thread's k; every thread of the block must call this (it synchronizes).
+        s_mean[slot] = mean
+        s_m2[slot] = m2
+        s_n[slot] = n
+        cuda.syncthreads()
+        h = h0
+        while h > 0:
+            if lead < h:
+                other = slot + h * stride
+                mean, m2, n = merge(mean, m2, n, s_mean[other], s_m2[other], s_n[other])
+                s_mean[slot] = mean
+                s_m2[slot] = m2
+                s_n[slot] = n
+            cuda.syncthreads()
+            h //= 2
+        return mean, m2, n
+
+    @device
+    def tree_sum2(s_1, s_2, slot, stride, h0, u, v, lead):
+        s_1[slot] = u
+        s_2[slot] = v
+        cuda.syncthreads()
+        h = h0
+        while h > 0:
+            if lead < h:
+                other = slot + h * stride
+                u += s_1[other]
+                v += s_2[other]
+                s_1[slot] = u
+                s_2[slot] = v
+            cuda.syncthreads()
+            h //= 2
+        return u, v
+
+    @cuda.jit
+    def stats_cf(x, A, C, B, bch, nbc, pmean, pm2, pn):
+        s_mean = cuda.shared.array(MAXT, acc)
+        s_m2 = cuda.shared.array(MAXT, acc)
+        s_n = cuda.shared.array(MAXT, np.int64)
+        tid = cuda.threadIdx.x
+        nt = cuda.blockDim.x
+        ntiles = A * nbc
+        c = cuda.blockIdx.y
+        while c < C:
+            mean = acc(0)
+            m2 = acc(0)
+            n = 0
+            t = cuda.blockIdx.x
+            while t < ntiles:
+                a = t // nbc
+                b0 = (t - a * nbc) * bch
+                ln = min(bch, B - b0)
+                base = (a * C + c) * B + b0
+                i = tid
+                while i < ln:
+                    v = acc(x[base + i])
+                    n += 1
+                    d = v - mean
+                    mean += d / acc(n)
+                    m2 += d * (v - mean)
+                    i += nt
+                t += cuda.gridDim.x
+            mean, m2, n = tree_merge(s_mean, s_m2, s_n, tid, 1, nt // 2, mean, m2, n, tid)
+            if tid == 0:
+                o = cuda.blockIdx.x * C + c
+                pmean[o] = mean
+                pm2[o] = m2
+                pn[o] = n
+            cuda.syncthreads()
+            c += cuda.gridDim.y
+
+    @cuda.jit
+    def stats_cl(x, A, cols, pmean, pm2, pn):
+        s_mean = cuda.shared.array(MAXT, acc)
+        s_m2 = cuda.shared.array(MAXT, acc)
+        s_n = cuda.shared.array(MAXT, np.int64)
+        tx = cuda.threadIdx.x
+        ty = cuda.threadIdx.y
+        bx = cuda.blockDim.x
+        by = cuda.blockDim.y
+        col = cuda.blockIdx.x * bx + tx
+        mean = acc(0)
+        m2 = acc(0)
+        n = 0
+        if col < cols:
+            stride = cuda.gridDim.y * by
+            a = cuda.blockIdx.y * by + ty
+            while a < A:
+                v = acc(x[a * cols + col])
+                n += 1
+                d = v - mean
+                mean += d / acc(n)
+                m2 += d * (v - mean)
+                a += stride
+        mean, m2, n = tree_merge(s_mean, s_m2, s_n, ty * bx + tx, bx, by // 2, mean, m2, n, ty)
+        if ty == 0 and col < cols:
+            o = cuda.blockIdx.y * cols + col
+            pmean[o] = mean
+            pm2[o] = m2
+            pn[o] = n
+
+    @cuda.jit
+    def stats_finalize(pmean, pm2, pn, S, C, G, eps, weight, mean_out, var_out, invstd_out,
+                       alpha_out):
+        # block = (32, k): a group of 32 threads per channel merges S * G partials.
+        s_mean = cuda.shared.array(MAXT, np.float64)
+        s_m2 = cuda.shared.array(MAXT, np.float64)
+        s_n = cuda.shared.array(MAXT, np.int64)
+        lane = cuda.threadIdx.x
+        c = cuda.blockIdx.x * cuda.blockDim.y + cuda.threadIdx.y
+        mean = np.float64(0)
+        m2 = np.float64(0)
+        n = np.int64(0)
+        if c < C:
+            cols = C * G
+            total = S * G
+            k = lane
+            while k < total:
+                s = k // G
+                o = s * cols + c * G + (k - s * G)
+                mean, m2, n = merge_d(mean, m2, n, np.float64(pmean[o]), np.float64(pm2[o]),
+                                      np.int64(pn[o]))
+                k += 32
+        slot = cuda.threadIdx.y * 32 + lane
+        # tree over the 32 lanes of this channel's group
+        s_mean[slot] = mean
+        s_m2[slot] = m2
+        s_n[slot] = n
+        cuda.syncthreads()
+        h = 16
+        while h > 0:
+            if lane < h:
+                other = slot + h
+                mean, m2, n = merge_d(mean, m2, n, s_mean[other], s_m2[other], s_n[other])
+                s_mean[slot] = mean
+                s_m2[slot] = m2
+                s_n[slot] = n
+            cuda.syncthreads()
+            h //= 2
+        if lane == 0 and c < C:
+            var = m2 / np.float64(n) if n > 0 else np.float64(0)
+            ve = var + eps
+            invstd = np.float64(0) if ve == 0 else np.float64(1) / math.sqrt(ve)
+            mean_out[c] = mean
+            var_out[c] = var
+            invstd_out[c] = invstd
+            alpha_out[c] = np.float64(weight[c]) * invstd
+
+    @cuda.jit
+    def eval_prep(var, weight, C, eps, alpha_out):
+        c = cuda.grid(1)
+        if c < C:
+            ve = np.float64(var[c]) + eps
+            invstd = np.float64(0) if ve == 0 else np.float64(1) / math.sqrt(ve)
+            alpha_out[c] = np.float64(weight[c]) * invstd
+
+    @cuda.jit
+    def apply_cf(x, y, A, C, B, bch, nbc, mean, alpha, beta):
+        # y = (x - mean) * alpha + beta, grid-stride over A * C * nbc tiles
+        tid = cuda.threadIdx.x
+        nt = cuda.blockDim.x
+        ntiles = A * C * nbc
+        tf = cuda.blockIdx.x
+        while tf < ntiles:
+            t = ntiles - 1 - tf  # last tiles first, as in batchnorm.cu (L2 reuse)
+            row = t // nbc
+            c = row % C
+            b0 = (t - row * nbc) * bch
+            ln = min(bch, B - b0)
+            base = row * B + b0
+            m = acc(mean[c])
+            al = acc(alpha[c])
+            be = acc(beta[c])
+            i = tid
+            while i < ln:
+                y[base + i] = (acc(x[base + i]) - m) * al + be
+                i += nt
+            tf += cuda.gridDim.x
+
+    @cuda.jit
+    def apply_cl(x, y, A, cols, G, mean, alpha, beta):
+        col = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        if col < cols:
+            c = col // G
+            m = acc(mean[c])
+            al = acc(alpha[c])
+            be = acc(beta[c])
+            stride = cuda.gridDim.y * cuda.blockDim.y
+            af = cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y
+            while af < A:
+                o = (A - 1 - af) * cols + col  # last rows first (L2 reuse)
+                y[o] = (acc(x[o]) - m) * al + be
+                af += stride
+
+    @cuda.jit
+    def bwd_reduce_cf(dy, x, A, C, B, bch, nbc, mean, ps1, ps2):
+        s_1 = cuda.shared.array(MAXT, acc)
+        s_2 = cuda.shared.array(MAXT, acc)
+        tid = cuda.threadIdx.x
+        nt = cuda.blockDim.x
+        ntiles = A * nbc
+        c = cuda.blockIdx.y
+        while c < C:
+            m = acc(mean[c])
+            u = acc(0)
+            v = acc(0)
+            t = cuda.blockIdx.x
+            while t < ntiles:
+                a = t // nbc
+                b0 = (t - a * nbc) * bch
+                ln = min(bch, B - b0)
+                base = (a * C + c) * B + b0
+                i = tid
+                while i < ln:
+                    g = acc(dy[base + i])
+                    u += g
+                    v += g * (acc(x[base + i]) - m)
+                    i += nt
+                t += cuda.gridDim.x
+            u, v = tree_sum2(s_1, s_2, tid, 1, nt // 2, u, v, tid)
+            if tid == 0:
+                o = cuda.blockIdx.x * C + c
+                ps1[o] = u
+                ps2[o] = v
+            cuda.syncthreads()
+            c += cuda.gridDim.y
+
+    @cuda.jit
+    def bwd_reduce_cl(dy, x, A, cols, G, mean, ps1, ps2):
+        s_1 = cuda.shared.array(MAXT, acc)
+        s_2 = cuda.shared.array(MAXT, acc)
+        tx = cuda.threadIdx.x
+        ty = cuda.threadIdx.y
+        bx = cuda.blockDim.x
+        by = cuda.blockDim.y
+        col = cuda.blockIdx.x * bx + tx
+        u = acc(0)
+        v = acc(0)
+        if col < cols:
+            m = acc(mean[col // G])
+            stride = cuda.gridDim.y * by
+            a = cuda.blockIdx.y * by + ty
+            while a < A:
+                o = a * cols + col
+                g = acc(dy[o])
+                u += g
+                v += g * (acc(x[o]) - m)
+                a += stride
+        u, v = tree_sum2(s_1, s_2, ty * bx + tx, bx, by // 2, u, v, ty)
+        if ty == 0 and col < cols:
+            o = cuda.blockIdx.y * cols + col
+            ps1[o] = u
+            ps2[o] = v
+
+    @cuda.jit
+    def bwd_finalize(ps1, ps2, S, C, G, M, invstd, weight, dweight, dbias, k1, k2, k3):
+        s_1 = cuda.shared.array(MAXT, np.float64)
+        s_2 = cuda.shared.array(MAXT, np.float64)
+        lane = cuda.threadIdx.x
+        c = cuda.blockIdx.x * cuda.blockDim.y + cuda.threadIdx.y
+        u = np.float64(0)
+        v = np.float64(0)
+        if c < C:
+            cols = C * G
+            total = S * G
+            k = lane
+            while k < total:
+                s = k // G
+                o = s * cols + c * G + (k - s * G)
+                u += np.float64(ps1[o])
+                v += np.float64(ps2[o])
+                k += 32
+        u, v = tree_sum2(s_1, s_2, cuda.threadIdx.y * 32 + lane, 1, 16, u, v, lane)
+        if lane == 0 and c < C:
+            isd = np.float64(invstd[c])
+            w = np.float64(weight[c])
+            dweight[c] = v * isd
+            dbias[c] = u
+            k1[c] = w * isd
+            k2[c] = -w * isd * isd * isd * v / M
+            k3[c] = -w * isd * u / M
+
+    @cuda.jit
+    def bwd_apply_cf(dy, x, dx, A, C, B, bch, nbc, mean, k1, k2, k3):
+        tid = cuda.threadIdx.x
+        nt = cuda.blockDim.x
+        ntiles = A * C * nbc
+        tf = cuda.blockIdx.x
+        while tf < ntiles:
+            t = ntiles - 1 - tf  # last tiles first, as in batchnorm.cu (L2 reuse)
+            row = t // nbc
+            c = row % C
+            b0 = (t - row * nbc) * bch
+            ln = min(bch, B - b0)
+            base = row * B + b0
+            m = acc(mean[c])
+            c1 = acc(k1[c])
+            c2 = acc(k2[c])
+            c3 = acc(k3[c])
+            i = tid
+            while i < ln:
+                dx[base + i] = acc(dy[base + i]) * c1 + ((acc(x[base + i]) - m) * c2 + c3)
+                i += nt
+            tf += cuda.gridDim.x
+
+    @cuda.jit
+    def bwd_apply_cl(dy, x, dx, A, cols, G, mean, k1, k2, k3):
+        col = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+        if col < cols:
+            c = col // G
+            m = acc(mean[c])
+            c1 = acc(k1[c])
+            c2 = acc(k2[c])
+            c3 = acc(k3[c])
+            stride = cuda.gridDim.y * cuda.blockDim.y
+            af = cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y
+            while af < A:
+                o = (A - 1 - af) * cols + col  # last rows first (L2 reuse)
+                dx[o] = acc(dy[o]) * c1 + ((acc(x[o]) - m) * c2 + c3)
+                af += stride
+
+    return {
+        "stats_cf": stats_cf, "stats_cl": stats_cl, "stats_finalize": stats_finalize,
+        "eval_prep": eval_prep, "apply_cf": apply_cf, "apply_cl": apply_cl,
+        "bwd_reduce_cf": bwd_reduce_cf, "bwd_reduce_cl": bwd_reduce_cl,
+        "bwd_finalize": bwd_finalize, "bwd_apply_cf": bwd_apply_cf,
+        "bwd_apply_cl": bwd_apply_cl,
+    }
+
+
+#: Argument types of every kernel, per data dtype (used by the compile_ptx test and to
+#: document the signatures): "x" data array, "s" stats-dtype array, "i" int32 array,
+#: "I" int64 scalar, "F" float64 scalar.
+KERNEL_SIGNATURES = {
+    "stats_cf": "xIIIIIssi",
+    "stats_cl": "xIIssi",
+    "stats_finalize": "ssiIIIFsssss",
+    "eval_prep": "ssIFs",
+    "apply_cf": "xxIIIIIsss",
+    "apply_cl": "xxIIIsss",
+    "bwd_reduce_cf": "xxIIIIIsss",
+    "bwd_reduce_cl": "xxIIIsss",
+    "bwd_finalize": "ssIIIFsssssss",
+    "bwd_apply_cf": "xxxIIIIIssss",
+    "bwd_apply_cl": "xxxIIIssss",
+}
+
+
+# ----------------------------------------------------------------------------------------
+# host side, generic over the array library (CuPy on a GPU, NumPy under the simulator)
+# ----------------------------------------------------------------------------------------
+
+
+def _i(v):
+    return np.int64(v)
+
+
+def _acc_name(dtype) -> str:
+    return "float64" if np.dtype(dtype) == np.float64 else "float32"
+
+
+def _finalize_launch(C):
+    return (-(-C // _FINALIZE_GROUPS),), (32, _FINALIZE_GROUPS)
+
+
+def _forward_train(x3, weight, bias, eps, *, empty, wrap, stream, num_sms, plan_kw,
+                   pointers=()):
+    """Training forward on any arrays the kernels accept; see :func:`forward_train`.
+
+    `empty(shape, dtype)` allocates, `wrap(a)` turns an array into a kernel argument,
+    `stream` is the launch stream (``0`` for the default one), `num_sms`, `plan_kw` and
+    `pointers` go to :func:`fastbn.backends._cuda_shim.plan`.
+    """
+    sd = stats_dtype(x3.dtype)
+    A, C, B = (int(s) for s in x3.shape)
+    y3 = empty(x3.shape, x3.dtype)
+    mean, var, invstd = empty((C,), sd), empty((C,), sd), empty((C,), sd)
+    if x3.size == 0:
+        return y3, mean, var, invstd
+    k = kernels(_acc_name(x3.dtype))
+    p = _cuda_shim.plan(A, C, B, x3.dtype.itemsize, num_sms, pointers,
+                        vectorize=False, **plan_kw)
+    pmean, pm2 = empty((p.S * p.cols,), sd), empty((p.S * p.cols,), sd)
+    pn = empty((p.S * p.cols,), np.int32)
+    alpha = empty((C,), sd)
+    xf, yf = wrap(x3.reshape(-1)), wrap(y3.reshape(-1))
+    wpm, wpm2, wpn = wrap(pmean), wrap(pm2), wrap(pn)
+    if p.family == "cf":
+        k["stats_cf"][p.grid_reduce, p.threads, stream](
+            xf, _i(A), _i(C), _i(B), _i(p.bch), _i(p.nbc), wpm, wpm2, wpn)
+    else:
+        k["stats_cl"][p.grid_reduce, p.threads, stream](xf, _i(A), _i(p.cols), wpm, wpm2, wpn)
+    grid, block = _finalize_launch(C)
+    walpha, wmean = wrap(alpha), wrap(mean)
+    k["stats_finalize"][grid, block, stream](
+        wpm, wpm2, wpn, _i(p.S), _i(C), _i(p.G), np.float64(eps), wrap(weight), wmean,
+        wrap(var), wrap(invstd), walpha)
+    _apply(k, p, xf, yf, wmean, walpha, wrap(bias), stream)
+    return y3, mean, var, invstd
+
+
+def _apply(k, p, xf, yf, mean, alpha, beta, stream):
+    if p.family == "cf":
+        k["apply_cf"][p.grid_apply, p.threads, stream](
+            xf, yf, _i(p.A), _i(p.C), _i(p.B), _i(p.bch), _i(p.nbc), mean, alpha, beta)
+    else:
+        k["apply_cl"][p.grid_apply, p.threads, stream](
+            xf, yf, _i(p.A), _i(p.cols), _i(p.G), mean, alpha, beta)
+
+
+def _forward_eval(x3, mean, var, weight, bias, eps, *, empty, wrap, stream, num_sms,
+                  plan_kw, pointers=()):
+    """Evaluation forward on any arrays the kernels accept; see :func:`forward_eval`."""
+    sd = stats_dtype(x3.dtype)
+    A, C, B = (int(s) for s in x3.shape)
+    y3 = empty(x3.shape, x3.dtype)
+    if x3.size == 0:
+        return y3
+    k = kernels(_acc_name(x3.dtype))
+    p = _cuda_shim.plan(A, C, B, x3.dtype.itemsize, num_sms, pointers,
+                        vectorize=False, **plan_kw)
+    alpha = empty((C,), sd)
+    walpha = wrap(alpha)
+    k["eval_prep"][(-(-C // 64),), (64,), stream](wrap(var), wrap(weight), _i(C),
+                                                  np.float64(eps), walpha)
+    _apply(k, p, wrap(x3.reshape(-1)), wrap(y3.reshape(-1)), wrap(mean), walpha, wrap(bias),
+           stream)
+    return y3
+
+
+def _backward(dy3, x3, mean, invstd, weight, *, empty, wrap, stream, num_sms, plan_kw,
+              pointers=()):
+    """Backward pass on any arrays the kernels accept; see :func:`backward`."""
+    sd = stats_dtype(x3.dtype)
+    A, C, B = (int(s) for s in x3.shape)
+    dx3 = empty(x3.shape, x3.dtype)
+    dweight, dbias = empty((C,), sd), empty((C,), sd)
+    if x3.size == 0:
+        return dx3, dweight, dbias
+    k = kernels(_acc_name(x3.dtype))
+    p = _cuda_shim.plan(A, C, B, x3.dtype.itemsize, num_sms, pointers,
+                        vectorize=False, **plan_kw)
+    ps1, ps2 = empty((p.S * p.cols,), sd), empty((p.S * p.cols,), sd)
+    k1, k2, k3 = empty((C,), sd), empty((C,), sd), empty((C,), sd)
+    dyf, xf, dxf = wrap(dy3.reshape(-1)), wrap(x3.reshape(-1)), wrap(dx3.reshape(-1))
+    wmean, wps1, wps2 = wrap(mean), wrap(ps1), wrap(ps2)
+    wk1, wk2, wk3 = wrap(k1), wrap(k2), wrap(k3)
+    if p.family == "cf":
+        k["bwd_reduce_cf"][p.grid_reduce, p.threads, stream](
+            dyf, xf, _i(A), _i(C), _i(B), _i(p.bch), _i(p.nbc), wmean, wps1, wps2)
+    else:
+        k["bwd_reduce_cl"][p.grid_reduce, p.threads, stream](
+            dyf, xf, _i(A), _i(p.cols), _i(p.G), wmean, wps1, wps2)
+    grid, block = _finalize_launch(C)
+    k["bwd_finalize"][grid, block, stream](
+        wps1, wps2, _i(p.S), _i(C), _i(p.G), np.float64(A * B), wrap(invstd), wrap(weight),
+        wrap(dweight), wrap(dbias), wk1, wk2, wk3)
+    if p.family == "cf":
+        k["bwd_apply_cf"][p.grid_apply, p.threads, stream](
+            dyf, xf, dxf, _i(A), _i(C), _i(B), _i(p.bch), _i(p.nbc), wmean, wk1, wk2, wk3)
+    else:
+        k["bwd_apply_cl"][p.grid_apply, p.threads, stream](
+            dyf, xf, dxf, _i(A), _i(p.cols), _i(p.G), wmean, wk1, wk2, wk3)
+    return dx3, dweight, dbias
+
+
+# ----------------------------------------------------------------------------------------
+# the backend contract, on CuPy arrays
+# ----------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _num_sms(device_id: int) -> int:
+    import cupy
+
+    return int(cupy.cuda.Device(device_id).attributes["MultiProcessorCount"])
+
+
+@contextlib.contextmanager
+def _on_device(x3):
+    """Make the device holding `x3` current for CuPy and numba.cuda; quiet the small-grid
+    warning of the finalize kernels."""
+    cuda = _cuda_shim.numba_cuda_module()
+    with x3.device, cuda.gpus[x3.device.id], _cuda_shim.quiet_low_occupancy_warnings():
+        yield
+
+
+def _gpu_context(*arrays):
+    """Allocator, wrapper, stream and plan inputs for CuPy arrays on the current device."""
+    import cupy
+
+    cuda = _cuda_shim.numba_cuda_module()
+    ptr = cupy.cuda.get_current_stream().ptr
+    stream = cuda.external_stream(ptr) if ptr else cuda.default_stream()
+
+    def wrap(a):
+        # zero-copy, and without the host synchronization numba would otherwise do on
+        # the array's stream: the launch is ordered on the same (current) stream anyway
+        return cuda.as_cuda_array(a, sync=False)
+
+    def empty(shape, dtype):
+        return cupy.empty(shape, dtype)
+
+    return dict(empty=empty, wrap=wrap, stream=stream,
+                num_sms=_num_sms(arrays[0].device.id),
+                plan_kw={"max_threads": _cuda_shim.MAX_THREADS})
+
+
+def forward_train(x3, weight, bias, eps):
+    """Training-mode forward pass; see :mod:`fastbn.backends` for the contract.
+
+    Parameters
+    ----------
+    x3 : cupy.ndarray
+        C-contiguous ``(A, C, B)`` input (float16, float32 or float64).
+    weight, bias : cupy.ndarray
+        Length-``C`` parameters of dtype ``stats_dtype(x3.dtype)``.
+    eps : float
+        Added to the variance.
+
+    Returns
+    -------
+    y3, mean, var, invstd : cupy.ndarray
+        Output like `x3`; per-channel mean, biased variance and ``1/sqrt(var + eps)``
+        (0 where ``var + eps == 0``).
+    """
+    with _on_device(x3):
+        return _forward_train(x3, weight, bias, eps, **_gpu_context(x3))
+
+
+def forward_eval(x3, mean, var, weight, bias, eps):
+    """Evaluation-mode forward pass with given statistics.
+
+    Parameters
+    ----------
+    x3 : cupy.ndarray
+        C-contiguous ``(A, C, B)`` input.
+    mean, var, weight, bias : cupy.ndarray
+        Length-``C`` arrays of dtype ``stats_dtype(x3.dtype)``.
+    eps : float
+        Added to the variance.
+
+    Returns
+    -------
+    y3 : cupy.ndarray
+    """
+    with _on_device(x3):
+        return _forward_eval(x3, mean, var, weight, bias, eps, **_gpu_context(x3))
+
+
+def backward(dy3, x3, mean, invstd, weight):
+    """Gradient of the training-mode forward pass.
+
+    Parameters
+    ----------
+    dy3, x3 : cupy.ndarray
+        C-contiguous ``(A, C, B)`` upstream gradient and forward input.
+    mean, invstd : cupy.ndarray
+        Statistics saved by :func:`forward_train`.
+    weight : cupy.ndarray
+        Length-``C`` weight.
+
+    Returns
+    -------
+    dx3, dweight, dbias : cupy.ndarray
+    """
+    with _on_device(x3):
+        return _backward(dy3, x3, mean, invstd, weight, **_gpu_context(x3))
