@@ -1,0 +1,1297 @@
+"""CPU backend: batch-normalization kernels compiled with Numba.
+
+Implements the backend contract of :mod:`fastbn.backends` on C-contiguous NumPy arrays
+of shape ``(A, C, B)``.
+
+Design
+------
+Every tensor is seen two ways at once: channel ``c`` of ``(A, C, B)`` is ``A`` runs of
+``B`` contiguous values, and the buffer is ``A`` rows of ``C * B`` values in which column
+``J`` belongs to channel ``J // B``. Three paths, chosen by shape:
+
+* **runs** (``B >= _RUN``, long runs; e.g. NCHW activations): per channel, statistics
+  with register reductions over its runs, then normalization of the same channel while
+  it is still in L2 (one read from memory). Parallel over channels, or over ranges of a
+  channel's values merged afterwards when there are fewer channels than threads.
+* **channel groups** (short runs or channels-last, when all rows of a group of channels
+  fit in L2; e.g. (32, 2048, 7, 7) or (64, 65536)): per-column statistics over row tiles,
+  folded into channels, then normalization of the group while it is cached.
+* **row ranges** (everything else; e.g. NHWC, (8192, 1024), (1_000_000, 4)): each thread
+  computes per-column partial statistics of a range of rows; the partials are merged
+  into channels; a second parallel pass normalizes. Rows of fewer than ``_WIDE`` values
+  are regrouped into *wide rows* of ``k`` consecutive rows (a free reinterpretation of
+  the buffer) so inner loops are long and vectorize; ``A % k`` rows left over are a
+  short tail.
+
+Elementwise passes over runs of at least ``_SHORT`` values go run by run with
+per-channel scalars; shorter runs use per-column coefficients laid out along a row.
+
+Numerics: statistics are accumulated in float64 with a *blocked two-pass* scheme: a
+cache-resident block (at most ``_BLOCK`` values of a channel, or a tile of at most
+``_TILE`` values for per-column statistics) is summed for its mean, then its squared
+deviations from that mean are summed, and blocks are merged with Chan's formula (so
+are per-thread partials and the columns of a channel). This reads the data from memory
+once and has the accuracy of the two-pass algorithm: the error does not grow with
+``(|mean| / std)**2`` as ``E[x**2] - E[x]**2`` does. Normalization is one multiply-add
+per value, ``y = x * alpha + beta`` with ``alpha = weight * invstd`` and
+``beta = bias - mean * alpha`` computed and applied in float64, so that the
+cancellation between ``x * alpha`` and ``beta`` for data far from zero costs float64,
+not float32, precision (measured: as fast as float32 arithmetic, the passes are
+memory-bound). Backward accumulates ``sum(dy)`` and ``sum(dy * (x - mean))`` in one
+pass, then applies ``dx = g * dy + c2 * x + c3`` (the contract's formula expanded per
+channel, coefficients in float64).
+
+Parallelism: partial results are per work item and merged afterwards (never a shared
+accumulator). The number of threads is read with :func:`numba.get_num_threads` at
+call time, so :func:`numba.set_num_threads` is respected. Tensors of at most
+``SERIAL_MAX`` values use serial kernels: starting threads costs microseconds. The
+parallel kernels write into outputs allocated by NumPy, whose allocator asks for
+transparent huge pages: a fresh 32 MiB output from Numba's allocator costs thousands of
+4 KiB page faults (measured 35 ms against 9 ms for ``np.empty``). The kernels release
+the GIL and are safe to call from several Python threads at once with the ``tbb`` or
+``omp`` threading layer (``workqueue`` is not).
+
+Only reductions are compiled with ``fastmath={"reassoc", "contract"}`` (reassociation
+lets LLVM vectorize them); elementwise kernels use ``{"contract"}`` (multiply-add
+fusion) only. Neither changes NaN/inf semantics: NaN in the input gives NaN statistics.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+# Read at every parallel call (not cached), so numba.set_num_threads is respected; the
+# kernels take it as an argument because reading it inside compiled code prevents caching.
+_nthreads = numba.get_num_threads
+
+__all__ = [
+    "name",
+    "xp",
+    "dtypes",
+    "available",
+    "stats_dtype",
+    "forward_train",
+    "forward_eval",
+    "backward",
+    "update_running_stats",
+    "SERIAL_MAX",
+]
+
+#: The backend's name, as accepted by ``backend=``.
+name = "cpu"
+#: Array namespace of the arrays this backend takes and returns.
+xp = np
+#: Input dtypes supported (float16 is computed in float32 and cast back).
+dtypes = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+#: Tensors with at most this many values use the serial kernels.
+SERIAL_MAX = 1 << 16
+
+_F16 = np.dtype(np.float16)
+_F32 = np.dtype(np.float32)
+
+# Values per block of the blocked two-pass statistics: 4096 float64-converted values
+# stay in L1/L2 between the two passes over the block.
+_BLOCK = 4096
+# Rows of fewer than _WIDE values are regrouped into wide rows of >= _WIDE values.
+_WIDE = 64
+# Row tiles: chunks of _COLS columns, blocks of _TILE values (32 rows of 512 values),
+# whose two statistics passes and per-column accumulators stay in L1/L2.
+_COLS = 512
+_TILE = 1 << 14
+# Channels-first runs of at least _RUN values use the per-run kernels (register
+# reductions); shorter runs are handled as row tiles.
+_RUN = 512
+# Fused groups of channels (short runs): about _GROUP values per row, at most _FUSE
+# values in all, so the group is still in L2 when it is normalized.
+_GROUP = 1024
+_FUSE = 1 << 16
+# Elementwise passes over runs of at least _SHORT values go run by run with per-channel
+# scalars (measured as fast as a copy for runs of 49); shorter runs use row tiles.
+_SHORT = 32
+# Elementwise passes over rows of at least _SPLIT_COLS values split the columns between
+# threads (so each thread's per-column coefficients stay in L1), not the rows.
+_SPLIT_COLS = 2048
+# Minimum number of values per parallel work item (smaller items cost more to schedule
+# than they save).
+_MIN_ITEM = 1 << 14
+
+_OPTS = dict(cache=True, error_model="numpy", nogil=True)
+_RED = {"reassoc", "contract"}  # reductions only
+_EW = {"contract"}  # elementwise: multiply-add fusion only
+
+
+# --------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------
+
+
+@njit(**_OPTS)
+def _chan(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Merge two (count, mean, M2) summaries with Chan's formula."""
+    if n_a == 0:
+        return n_b, mean_b, m2_b
+    if n_b == 0:
+        return n_a, mean_a, m2_a
+    n = n_a + n_b
+    f = n_b / n
+    d = mean_b - mean_a
+    return n, mean_a + d * f, m2_a + m2_b + d * d * n_a * f
+
+
+@njit(**_OPTS)
+def _invstd(var, eps):
+    ve = var + eps
+    if ve == 0.0:
+        return 0.0
+    return 1.0 / math.sqrt(ve)
+
+
+@njit(**_OPTS)
+def _finish(mean64, m2, n, w, b, eps, mean_out, var_out, invstd_out, alpha, beta):
+    """From per-channel mean and M2 over n values: write the statistics and alpha/beta."""
+    inn = 1.0 / n
+    for c in range(mean64.shape[0]):
+        mu = mean64[c]
+        var = m2[c] * inn
+        ve = var + eps
+        r = 1.0 / math.sqrt(ve)  # branch-free, so the loop vectorizes
+        inv = r if ve != 0.0 else 0.0
+        mean_out[c] = mu
+        var_out[c] = var
+        invstd_out[c] = inv
+        a = np.float64(w[c]) * inv
+        alpha[c] = a
+        beta[c] = np.float64(b[c]) - mu * a
+
+
+# Innermost loops index with unsigned integers: an index Numba knows is non-negative
+# skips the negative-index wraparound, which otherwise blocks vectorization
+# (``for i in range(i0, i1): x[i]`` with signed i0 measured 15-25x slower). Slicing
+# would avoid it too, but every slice is a reference-counted view (an atomic update of
+# a counter shared by all threads), too costly per short run.
+
+
+@njit(fastmath=_RED, **_OPTS)
+def _sum(xf, i0, i1):
+    s = 0.0
+    for i in range(np.uint64(i0), np.uint64(i1)):
+        s += xf[i]
+    return s
+
+
+@njit(fastmath=_RED, **_OPTS)
+def _sqdev(xf, i0, i1, mu):
+    q = 0.0
+    for i in range(np.uint64(i0), np.uint64(i1)):
+        d = xf[i] - mu
+        q += d * d
+    return q
+
+
+@njit(fastmath=_RED, **_OPTS)
+def _bsums(dyf, xf, i0, i1, mu):
+    s = 0.0
+    t = 0.0
+    for i in range(np.uint64(i0), np.uint64(i1)):
+        g = np.float64(dyf[i])
+        s += g
+        t += g * (xf[i] - mu)
+    return s, t
+
+
+@njit(fastmath=_EW, **_OPTS)
+def _affine(xf, yf, i0, i1, alpha, beta):
+    for i in range(np.uint64(i0), np.uint64(i1)):
+        yf[i] = xf[i] * alpha + beta
+
+
+@njit(fastmath=_EW, **_OPTS)
+def _bapply(dyf, xf, dxf, i0, i1, g, c2, c3):
+    for i in range(np.uint64(i0), np.uint64(i1)):
+        dxf[i] = dyf[i] * g + (xf[i] * c2 + c3)
+
+
+# --------------------------------------------------------------------------------------
+# Channels-first (B > 1): ranges [m0, m1) of one channel's M = A * B values
+# --------------------------------------------------------------------------------------
+
+
+@njit(**_OPTS)
+def _cf_block(B):
+    """Block length in channel values: whole runs when runs are short."""
+    if B >= _BLOCK:
+        return _BLOCK
+    return (_BLOCK // B) * B
+
+
+@njit(**_OPTS)
+def _cf_stats(xf, C, B, c, m0, m1):
+    """(mean, M2) of values [m0, m1) of channel c, blocked two-pass + Chan merges."""
+    blk = _cf_block(B)
+    n = 0.0
+    mean = 0.0
+    m2 = 0.0
+    b0 = m0
+    while b0 < m1:
+        b1 = min(b0 + blk, m1)
+        s = 0.0
+        m = b0
+        while m < b1:
+            a = m // B
+            j = m - a * B
+            e = min(b1 - m, B - j)
+            base = (a * C + c) * B + j
+            s += _sum(xf, base, base + e)
+            m += e
+        nb = np.float64(b1 - b0)
+        bm = s / nb
+        q = 0.0
+        m = b0
+        while m < b1:
+            a = m // B
+            j = m - a * B
+            e = min(b1 - m, B - j)
+            base = (a * C + c) * B + j
+            q += _sqdev(xf, base, base + e, bm)
+            m += e
+        n, mean, m2 = _chan(n, mean, m2, nb, bm, q)
+        b0 = b1
+    return mean, m2
+
+
+@njit(**_OPTS)
+def _cf_affine(xf, yf, C, B, c, m0, m1, alpha, beta):
+    m = m0
+    while m < m1:
+        a = m // B
+        j = m - a * B
+        e = min(m1 - m, B - j)
+        base = (a * C + c) * B + j
+        _affine(xf, yf, base, base + e, alpha, beta)
+        m += e
+
+
+@njit(**_OPTS)
+def _cf_bsums(dyf, xf, C, B, c, m0, m1, mu):
+    s = 0.0
+    t = 0.0
+    m = m0
+    while m < m1:
+        a = m // B
+        j = m - a * B
+        e = min(m1 - m, B - j)
+        base = (a * C + c) * B + j
+        s1, t1 = _bsums(dyf, xf, base, base + e, mu)
+        s += s1
+        t += t1
+        m += e
+    return s, t
+
+
+@njit(**_OPTS)
+def _cf_bapply(dyf, xf, dxf, C, B, c, m0, m1, g, c2, c3):
+    m = m0
+    while m < m1:
+        a = m // B
+        j = m - a * B
+        e = min(m1 - m, B - j)
+        base = (a * C + c) * B + j
+        _bapply(dyf, xf, dxf, base, base + e, g, c2, c3)
+        m += e
+
+
+@njit(**_OPTS)
+def _runs_affine(xf, yf, C, B, a0, a1, c0, c1, alpha, beta):
+    """Normalize the runs of channels [c0, c1) in rows [a0, a1), in memory order."""
+    for a in range(a0, a1):
+        for c in range(c0, c1):
+            o = (a * C + c) * B
+            _affine(xf, yf, o, o + B, alpha[c], beta[c])
+
+
+@njit(**_OPTS)
+def _runs_bapply(dyf, xf, dxf, C, B, a0, a1, c0, c1, g, c2, c3):
+    for a in range(a0, a1):
+        for c in range(c0, c1):
+            o = (a * C + c) * B
+            _bapply(dyf, xf, dxf, o, o + B, g[c], c2[c], c3[c])
+
+
+@njit(**_OPTS)
+def _bcoef(sdy, sdyx, mu, inv, w, M):
+    """Per-channel backward coefficients: dx = g * dy + c2 * x + c3."""
+    dw = inv * sdyx
+    g = np.float64(w) * inv
+    c2 = -g * inv * dw / M
+    c3 = g * (inv * dw * mu - sdy) / M
+    return dw, g, c2, c3
+
+
+# --------------------------------------------------------------------------------------
+# Row tiles: a 2-d view of R rows of `wd` contiguous values, row r starting at flat
+# offset base + r * stride. Column J of the view belongs to channel (J % (C*B)) // B.
+# Loops run over blocks of rows and chunks of at most _COLS columns, so a block
+# (at most _BLOCK values) and its per-column accumulators stay in L1 while memory is
+# read row after row.
+# --------------------------------------------------------------------------------------
+
+
+@njit(fastmath=_EW, **_OPTS)
+def _acc_row(xf, o, s, n):
+    """s[:n] += xf[o:o + n]"""
+    u = np.uint64(o)
+    for j in range(np.uint64(n)):
+        s[j] += xf[u + j]
+
+
+@njit(fastmath=_EW, **_OPTS)
+def _acc_rows4(xf, o, st, s, n):
+    """s[:n] += the n values at o, o + st, o + 2 st, o + 3 st (four rows per load of s)."""
+    u0 = np.uint64(o)
+    u1 = np.uint64(o + st)
+    u2 = np.uint64(o + 2 * st)
+    u3 = np.uint64(o + 3 * st)
+    for j in range(np.uint64(n)):
+        s[j] += (np.float64(xf[u0 + j]) + np.float64(xf[u1 + j])) + (
+            np.float64(xf[u2 + j]) + np.float64(xf[u3 + j])
+        )
+
+
+@njit(fastmath=_EW, **_OPTS)
+def _sqdev_row(xf, o, bm, q, n):
+    """q[:n] += (xf[o:o + n] - bm[:n]) ** 2"""
+    u = np.uint64(o)
+    for j in range(np.uint64(n)):
+        d = xf[u + j] - bm[j]
+        q[j] += d * d
+
+
+@njit(fastmath=_EW, **_OPTS)
+def _sqdev_rows4(xf, o, st, bm, q, n):
+    u0 = np.uint64(o)
+    u1 = np.uint64(o + st)
+    u2 = np.uint64(o + 2 * st)
+    u3 = np.uint64(o + 3 * st)
+    for j in range(np.uint64(n)):
+        m = bm[j]
+        d0 = xf[u0 + j] - m
+        d1 = xf[u1 + j] - m
+        d2 = xf[u2 + j] - m
+        d3 = xf[u3 + j] - m
+        q[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+
+
+@njit(fastmath=_EW, **_OPTS)
+def _merge_cols(mo, qo, j0, s, q, n, f, h):
+    """Chan merge of a block's column (mean s, M2 q) into (mo, qo)[j0:j0 + n]."""
+    u = np.uint64(j0)
+    for j in range(np.uint64(n)):
+        d = s[j] - mo[u + j]
+        mo[u + j] += d * f
+        qo[u + j] += q[j] + d * d * h
+
+
+@njit(**_OPTS)
+def _tile(wd):
+    """(columns per chunk, rows per block) of a row tile."""
+    cwm = min(wd, _COLS)
+    return cwm, max(4, _TILE // cwm)
+
+
+@njit(**_OPTS)
+def _rows_stats(xf, base, stride, wd, r0, r1, mo, qo):
+    """Per-column (mean, M2) over rows [r0, r1) of the view, into mo[:wd], qo[:wd]:
+    two passes over each cache-resident block of rows, blocks merged with Chan's formula."""
+    cwm, rb = _tile(wd)
+    s = np.empty(cwm)
+    q = np.empty(cwm)
+    n = 0.0
+    for b0 in range(r0, r1, rb):
+        b1 = min(b0 + rb, r1)
+        nb = np.float64(b1 - b0)
+        inb = 1.0 / nb
+        f = nb / (n + nb)
+        h = n * f
+        for j0 in range(0, wd, cwm):
+            cw = min(cwm, wd - j0)
+            for j in range(cw):
+                s[j] = 0.0
+                q[j] = 0.0
+            r = b0
+            while r + 4 <= b1:
+                _acc_rows4(xf, base + r * stride + j0, stride, s, cw)
+                r += 4
+            while r < b1:
+                _acc_row(xf, base + r * stride + j0, s, cw)
+                r += 1
+            for j in range(cw):
+                s[j] *= inb
+            r = b0
+            while r + 4 <= b1:
+                _sqdev_rows4(xf, base + r * stride + j0, stride, s, q, cw)
+                r += 4
+            while r < b1:
+                _sqdev_row(xf, base + r * stride + j0, s, q, cw)
+                r += 1
+            if n == 0.0:
+                for j in range(cw):
+                    mo[j0 + j] = s[j]
+                    qo[j0 + j] = q[j]
+            else:
+                _merge_cols(mo, qo, j0, s, q, cw, f, h)
+        n += nb
+
+
+@njit(fastmath=_EW, **_OPTS)
+def _affine_row(xf, yf, o, aw, bw, j0, n):
+    u = np.uint64(o)
+    v = np.uint64(j0)
+    for j in range(np.uint64(n)):
+        yf[u + j] = xf[u + j] * aw[v + j] + bw[v + j]
+
+
+@njit(**_OPTS)
+def _rows_affine(xf, yf, base, stride, wd, r0, r1, aw, bw):
+    """y = x * aw[J] + bw[J] over rows [r0, r1) of the view."""
+    cwm, rb = _tile(wd)
+    for b0 in range(r0, r1, rb):
+        b1 = min(b0 + rb, r1)
+        for j0 in range(0, wd, cwm):
+            cw = min(cwm, wd - j0)
+            # one row at a time: stores to several rows a power-of-two stride apart
+            # would alias the loads (measured 1.8x slower with four rows at once)
+            for r in range(b0, b1):
+                _affine_row(xf, yf, base + r * stride + j0, aw, bw, j0, cw)
+
+
+@njit(fastmath=_EW, **_OPTS)
+def _bsums_row(dyf, xf, o, mw, so, to, j0, n):
+    u = np.uint64(o)
+    v = np.uint64(j0)
+    for j in range(np.uint64(n)):
+        g = np.float64(dyf[u + j])
+        so[v + j] += g
+        to[v + j] += g * (xf[u + j] - mw[v + j])
+
+
+@njit(fastmath=_EW, **_OPTS)
+def _bsums_rows4(dyf, xf, o, st, mw, so, to, j0, n):
+    u0 = np.uint64(o)
+    u1 = np.uint64(o + st)
+    u2 = np.uint64(o + 2 * st)
+    u3 = np.uint64(o + 3 * st)
+    v = np.uint64(j0)
+    for j in range(np.uint64(n)):
+        m = mw[v + j]
+        g0 = np.float64(dyf[u0 + j])
+        g1 = np.float64(dyf[u1 + j])
+        g2 = np.float64(dyf[u2 + j])
+        g3 = np.float64(dyf[u3 + j])
+        so[v + j] += (g0 + g1) + (g2 + g3)
+        to[v + j] += (g0 * (xf[u0 + j] - m) + g1 * (xf[u1 + j] - m)) + (
+            g2 * (xf[u2 + j] - m) + g3 * (xf[u3 + j] - m)
+        )
+
+
+@njit(**_OPTS)
+def _rows_bsums(dyf, xf, base, stride, wd, r0, r1, mw, so, to):
+    """Per-column sum(dy), sum(dy * (x - mw[J])) over rows [r0, r1), added to so, to."""
+    cwm, rb = _tile(wd)
+    for b0 in range(r0, r1, rb):
+        b1 = min(b0 + rb, r1)
+        for j0 in range(0, wd, cwm):
+            cw = min(cwm, wd - j0)
+            r = b0
+            while r + 4 <= b1:
+                _bsums_rows4(dyf, xf, base + r * stride + j0, stride, mw, so, to, j0, cw)
+                r += 4
+            while r < b1:
+                _bsums_row(dyf, xf, base + r * stride + j0, mw, so, to, j0, cw)
+                r += 1
+
+
+@njit(fastmath=_EW, **_OPTS)
+def _bapply_row(dyf, xf, dxf, o, gw, c2w, c3w, j0, n):
+    u = np.uint64(o)
+    v = np.uint64(j0)
+    for j in range(np.uint64(n)):
+        dxf[u + j] = dyf[u + j] * gw[v + j] + (xf[u + j] * c2w[v + j] + c3w[v + j])
+
+
+@njit(**_OPTS)
+def _rows_bapply(dyf, xf, dxf, base, stride, wd, r0, r1, gw, c2w, c3w):
+    cwm, rb = _tile(wd)
+    for b0 in range(r0, r1, rb):
+        b1 = min(b0 + rb, r1)
+        for j0 in range(0, wd, cwm):
+            cw = min(cwm, wd - j0)
+            for r in range(b0, b1):
+                _bapply_row(dyf, xf, dxf, base + r * stride + j0, gw, c2w, c3w, j0, cw)
+
+
+@njit(**_OPTS)
+def _fold(mo, qo, CB, B, k, c, n):
+    """(mean, M2) of channel c from its k*B columns J = g*CB + c*B + j of a view, each
+    column summarizing n values: mean of means, M2 = sum(M2) + n * sum((mean_J - mean)**2)."""
+    cnt = k * B
+    s = 0.0
+    for g in range(k):
+        o = g * CB + c * B
+        for j in range(B):
+            s += mo[o + j]
+    mu = s / cnt
+    q = 0.0
+    d2 = 0.0
+    for g in range(k):
+        o = g * CB + c * B
+        for j in range(B):
+            d = mo[o + j] - mu
+            d2 += d * d
+            q += qo[o + j]
+    return mu, q + n * d2
+
+
+@njit(**_OPTS)
+def _fold_sum(so, CB, B, k, c):
+    s = 0.0
+    for g in range(k):
+        o = g * CB + c * B
+        for j in range(B):
+            s += so[o + j]
+    return s
+
+
+@njit(**_OPTS)
+def _expand(v, CB, B, W):
+    """out[J] = v[(J % CB) // B] for J < W (W a multiple of CB): per-channel values
+    laid out per column, written without integer divisions (measured: a division per
+    column dominated small calls)."""
+    out = np.empty(W)
+    idx = 0
+    for _ in range(W // CB):
+        for c in range(v.shape[0]):
+            val = v[c]
+            for _j in range(B):
+                out[idx] = val
+                idx += 1
+    return out
+
+
+@njit(**_OPTS)
+def _spread(v, c0, c1, B, out):
+    """out[(c - c0) * B + j] = v[c] for c in [c0, c1), j < B."""
+    idx = 0
+    for c in range(c0, c1):
+        val = v[c]
+        for _j in range(B):
+            out[idx] = val
+            idx += 1
+
+
+@njit(**_OPTS)
+def _wide_k(CB):
+    """Rows per wide row: rows of fewer than _WIDE values are regrouped into wide rows
+    of at least _WIDE values and a multiple of 16 (whole vectors, no scalar remainder)."""
+    if CB >= _WIDE:
+        return 1
+    k = 16
+    while k > 1 and (CB * (k // 2)) % 16 == 0:
+        k //= 2
+    while k * CB < _WIDE:
+        k *= 2
+    return k
+
+
+@njit(**_OPTS)
+def _split(R, n):
+    """Boundaries of min(R, n) (at least 1) nearly equal ranges of [0, R)."""
+    P = max(1, min(R, n))
+    rows = np.empty(P + 1, np.int64)
+    for p in range(P + 1):
+        rows[p] = (p * R) // P
+    return rows
+
+
+@njit(**_OPTS)
+def _group(A, C, B, T):
+    """Channels per fused group for short runs (B < _RUN): all A rows of a group of
+    channels (A * g * B values) fit in L2, so statistics, then normalization, read it
+    from memory once. 0 if no grouping gives rows of >= 256 values and >= 2T groups."""
+    g = min(C, max(1, _GROUP // B))
+    if A * B * g > _FUSE:
+        g = _FUSE // (A * B)
+    if g * B < 256 or g < 1:
+        return 0
+    if (C + g - 1) // g < 2 * T:
+        g = C // (2 * T)
+        if g * B < 256 or g < 1:
+            return 0
+    return g
+
+
+@njit(**_OPTS)
+def _col_chunks(W, T):
+    """Column ranges for elementwise passes over wide rows: per-column coefficients of
+    one range (<= 1024 values) stay in L1 for all rows."""
+    Q = max(2 * T, (W + 1023) // 1024)
+    return Q
+
+
+@njit(**_OPTS)
+def _cf_chunks(C, M, T):
+    """Number of ranges per channel for the split (two-phase) channels-first path."""
+    want = (4 * T + C - 1) // C
+    most = max(1, M // _MIN_ITEM)
+    return max(1, min(want, most))
+
+
+@njit(**_OPTS)
+def _cf_fused(C, T):
+    """Whole channels per thread (stats + normalize while the channel is in cache)."""
+    return C >= 2 * T or (C >= T and C % T == 0)
+
+
+@njit(**_OPTS)
+def _merge_parts(pm, pq, rows, tm, tq, Rt, C, B, k, mean64, m2):
+    """Per-channel (mean, M2) from per-(row range, column) partials and the tail rows."""
+    CB = C * B
+    cnt = np.zeros(C)
+    for p in range(rows.shape[0] - 1):
+        nr = rows[p + 1] - rows[p]
+        if nr > 0:
+            mo = pm[p]  # one view per range, not per channel
+            qo = pq[p]
+            for c in range(C):
+                m1, q1 = _fold(mo, qo, CB, B, k, c, np.float64(nr))
+                cnt[c], mean64[c], m2[c] = _chan(cnt[c], mean64[c], m2[c], np.float64(nr * k * B), m1, q1)
+    if Rt > 0:
+        for c in range(C):
+            m1, q1 = _fold(tm, tq, CB, B, 1, c, np.float64(Rt))
+            cnt[c], mean64[c], m2[c] = _chan(cnt[c], mean64[c], m2[c], np.float64(Rt * B), m1, q1)
+
+
+# --------------------------------------------------------------------------------------
+# Top-level kernels: forward training
+# --------------------------------------------------------------------------------------
+
+
+@njit(**_OPTS)
+def _rows_sum(xf, base, stride, wd, r0, r1, s):
+    """s[:wd] += column sums over rows [r0, r1) of the view."""
+    r = r0
+    while r + 4 <= r1:
+        _acc_rows4(xf, base + r * stride, stride, s, wd)
+        r += 4
+    while r < r1:
+        _acc_row(xf, base + r * stride, s, wd)
+        r += 1
+
+
+@njit(**_OPTS)
+def _rows_sqdev(xf, base, stride, wd, r0, r1, mw, q):
+    """q[:wd] += column sums of (x - mw[J])**2 over rows [r0, r1) of the view."""
+    r = r0
+    while r + 4 <= r1:
+        _sqdev_rows4(xf, base + r * stride, stride, mw, q, wd)
+        r += 4
+    while r < r1:
+        _sqdev_row(xf, base + r * stride, mw, q, wd)
+        r += 1
+
+
+@njit(**_OPTS)
+def _serial_stats(xf, A, C, B, mean64, m2):
+    """Per-channel mean and M2 of a small (cache-resident) tensor by the plain two-pass
+    algorithm: channel sums, then squared deviations from the channel means. Without
+    merges of partial means, the error does not grow with |mean| / std at all."""
+    M = A * B
+    if B >= _SHORT:
+        for c in range(C):
+            s = 0.0
+            for a in range(A):
+                o = (a * C + c) * B
+                s += _sum(xf, o, o + B)
+            mu = s / M
+            q = 0.0
+            for a in range(A):
+                o = (a * C + c) * B
+                q += _sqdev(xf, o, o + B, mu)
+            mean64[c] = mu
+            m2[c] = q
+        return
+    CB = C * B
+    k = _wide_k(CB)
+    W = k * CB
+    R = A // k
+    Rt = A - R * k
+    if W == C:  # plain rows of channels: columns are channels
+        mean64[:] = 0.0
+        _rows_sum(xf, 0, C, C, 0, A, mean64)
+        inm = 1.0 / M
+        for c in range(C):
+            mean64[c] *= inm
+        m2[:] = 0.0
+        _rows_sqdev(xf, 0, C, C, 0, A, mean64, m2)
+        return
+    acc = np.zeros(W)
+    _rows_sum(xf, 0, W, W, 0, R, acc)
+    _rows_sum(xf, R * W, CB, CB, 0, Rt, acc)  # tail rows: columns [0, CB) map alike
+    for c in range(C):
+        mean64[c] = _fold_sum(acc, CB, B, k, c) / M
+    mw = _expand(mean64, CB, B, W)
+    acc[:] = 0.0
+    _rows_sqdev(xf, 0, W, W, 0, R, mw, acc)
+    _rows_sqdev(xf, R * W, CB, CB, 0, Rt, mw, acc)
+    for c in range(C):
+        m2[c] = _fold_sum(acc, CB, B, k, c)
+
+
+@njit(**_OPTS)
+def _ft_serial(x, w, b, eps):
+    A, C, B = x.shape
+    M = A * B
+    xf = x.reshape(x.size)
+    y = np.empty_like(x)
+    yf = y.reshape(y.size)
+    mean_out = np.empty(C, w.dtype)
+    var_out = np.empty(C, w.dtype)
+    inv_out = np.empty(C, w.dtype)
+    mean64 = np.empty(C)
+    m2 = np.empty(C)
+    alpha = np.empty(C)
+    beta = np.empty(C)
+    _serial_stats(xf, A, C, B, mean64, m2)
+    _finish(mean64, m2, np.float64(M), w, b, eps, mean_out, var_out, inv_out, alpha, beta)
+    if B >= _SHORT:
+        _runs_affine(xf, yf, C, B, 0, A, 0, C, alpha, beta)
+        return y, mean_out, var_out, inv_out
+    CB = C * B
+    k = _wide_k(CB)
+    W = k * CB
+    R = A // k
+    aw = _expand(alpha, CB, B, W)
+    bw = _expand(beta, CB, B, W)
+    _rows_affine(xf, yf, 0, W, W, 0, R, aw, bw)
+    _rows_affine(xf, yf, R * W, CB, CB, 0, A - R * k, aw, bw)
+    return y, mean_out, var_out, inv_out
+
+
+@njit(parallel=True, **_OPTS)
+def _ft_parallel(x, w, b, eps, T, y):
+    A, C, B = x.shape
+    M = A * B
+    xf = x.reshape(x.size)
+    yf = y.reshape(y.size)
+    mean_out = np.empty(C, w.dtype)
+    var_out = np.empty(C, w.dtype)
+    inv_out = np.empty(C, w.dtype)
+    mean64 = np.empty(C)
+    m2 = np.empty(C)
+    alpha = np.empty(C)
+    beta = np.empty(C)
+    if B >= _RUN:
+        if _cf_fused(C, T):
+            for c in prange(C):
+                mu, q = _cf_stats(xf, C, B, c, 0, M)
+                inv = _invstd(q / M, eps)
+                a = np.float64(w[c]) * inv
+                mean_out[c] = mu
+                var_out[c] = q / M
+                inv_out[c] = inv
+                _cf_affine(xf, yf, C, B, c, 0, M, a, np.float64(b[c]) - mu * a)
+            return y, mean_out, var_out, inv_out
+        P = _cf_chunks(C, M, T)
+        pmean = np.empty(C * P)
+        pm2 = np.empty(C * P)
+        for it in prange(C * P):
+            c = it // P
+            p = it - c * P
+            mu, q = _cf_stats(xf, C, B, c, (p * M) // P, ((p + 1) * M) // P)
+            pmean[it] = mu
+            pm2[it] = q
+        for ch in range(C):
+            tn = 0.0
+            tmu = 0.0
+            tq = 0.0
+            for pp in range(P):
+                nb = np.float64(((pp + 1) * M) // P - (pp * M) // P)
+                tn, tmu, tq = _chan(tn, tmu, tq, nb, pmean[ch * P + pp], pm2[ch * P + pp])
+            mean64[ch] = tmu
+            m2[ch] = tq
+        _finish(mean64, m2, np.float64(M), w, b, eps, mean_out, var_out, inv_out, alpha, beta)
+        for it in prange(C * P):
+            c = it // P
+            p = it - c * P
+            _cf_affine(xf, yf, C, B, c, (p * M) // P, ((p + 1) * M) // P, alpha[c], beta[c])
+        return y, mean_out, var_out, inv_out
+    CB = C * B
+    k = _wide_k(CB)
+    g = _group(A, C, B, T) if k == 1 else 0
+    if g > 0:
+        for grp in prange((C + g - 1) // g):
+            c0 = grp * g
+            c1 = min(C, c0 + g)
+            cw = (c1 - c0) * B
+            mo = np.empty(cw)
+            qo = np.empty(cw)
+            _rows_stats(xf, c0 * B, CB, cw, 0, A, mo, qo)
+            for c in range(c0, c1):
+                mu, q = _fold(mo, qo, cw, B, 1, c - c0, np.float64(A))
+                var = q / M
+                inv = _invstd(var, eps)
+                a = np.float64(w[c]) * inv
+                mean_out[c] = mu
+                var_out[c] = var
+                inv_out[c] = inv
+                alpha[c] = a
+                beta[c] = np.float64(b[c]) - mu * a
+            if B >= _SHORT:
+                _runs_affine(xf, yf, C, B, 0, A, c0, c1, alpha, beta)
+            else:
+                _spread(alpha, c0, c1, B, mo)
+                _spread(beta, c0, c1, B, qo)
+                _rows_affine(xf, yf, c0 * B, CB, cw, 0, A, mo, qo)
+        return y, mean_out, var_out, inv_out
+    W = k * CB
+    R = A // k
+    Rt = A - R * k
+    rows = _split(R, 2 * T)
+    P = rows.shape[0] - 1
+    pm = np.empty((P, W))
+    pq = np.empty((P, W))
+    for p in prange(P):
+        _rows_stats(xf, 0, W, W, rows[p], rows[p + 1], pm[p], pq[p])
+    tm = np.empty(CB)
+    tq = np.empty(CB)
+    _rows_stats(xf, R * W, CB, CB, 0, Rt, tm, tq)
+    _merge_parts(pm, pq, rows, tm, tq, Rt, C, B, k, mean64, m2)
+    _finish(mean64, m2, np.float64(M), w, b, eps, mean_out, var_out, inv_out, alpha, beta)
+    if B >= _SHORT and k == 1:
+        for p in prange(P):
+            _runs_affine(xf, yf, C, B, rows[p], rows[p + 1], 0, C, alpha, beta)
+        return y, mean_out, var_out, inv_out
+    aw = _expand(alpha, CB, B, W)
+    bw = _expand(beta, CB, B, W)
+    if W >= _SPLIT_COLS:
+        Q = _col_chunks(W, T)
+        for qq in prange(Q):
+            j0 = (qq * W) // Q
+            j1 = ((qq + 1) * W) // Q
+            _rows_affine(xf, yf, j0, W, j1 - j0, 0, R, aw[j0:j1], bw[j0:j1])
+    else:
+        for p in prange(P):
+            _rows_affine(xf, yf, 0, W, W, rows[p], rows[p + 1], aw, bw)
+    _rows_affine(xf, yf, R * W, CB, CB, 0, Rt, aw, bw)
+    return y, mean_out, var_out, inv_out
+
+
+# --------------------------------------------------------------------------------------
+# Forward evaluation (given statistics)
+# --------------------------------------------------------------------------------------
+
+
+@njit(**_OPTS)
+def _eval_coef(mean, var, w, b, eps):
+    C = mean.shape[0]
+    alpha = np.empty(C)
+    beta = np.empty(C)
+    for c in range(C):
+        a = np.float64(w[c]) * _invstd(np.float64(var[c]), eps)
+        alpha[c] = a
+        beta[c] = np.float64(b[c]) - np.float64(mean[c]) * a
+    return alpha, beta
+
+
+@njit(**_OPTS)
+def _fe_serial(x, mean, var, w, b, eps):
+    A, C, B = x.shape
+    xf = x.reshape(x.size)
+    y = np.empty_like(x)
+    yf = y.reshape(y.size)
+    alpha, beta = _eval_coef(mean, var, w, b, eps)
+    if B >= _SHORT:
+        _runs_affine(xf, yf, C, B, 0, A, 0, C, alpha, beta)
+        return y
+    CB = C * B
+    k = _wide_k(CB)
+    W = k * CB
+    R = A // k
+    aw = _expand(alpha, CB, B, W)
+    bw = _expand(beta, CB, B, W)
+    _rows_affine(xf, yf, 0, W, W, 0, R, aw, bw)
+    _rows_affine(xf, yf, R * W, CB, CB, 0, A - R * k, aw, bw)
+    return y
+
+
+@njit(parallel=True, **_OPTS)
+def _fe_parallel(x, mean, var, w, b, eps, T, y):
+    A, C, B = x.shape
+    M = A * B
+    xf = x.reshape(x.size)
+    yf = y.reshape(y.size)
+    alpha, beta = _eval_coef(mean, var, w, b, eps)
+    if B >= _SHORT:
+        if A >= 2 * T:
+            rows = _split(A, 2 * T)
+            for p in prange(rows.shape[0] - 1):
+                _runs_affine(xf, yf, C, B, rows[p], rows[p + 1], 0, C, alpha, beta)
+            return y
+        P = _cf_chunks(C, M, T)
+        for it in prange(C * P):
+            c = it // P
+            p = it - c * P
+            _cf_affine(xf, yf, C, B, c, (p * M) // P, ((p + 1) * M) // P, alpha[c], beta[c])
+        return y
+    CB = C * B
+    k = _wide_k(CB)
+    W = k * CB
+    R = A // k
+    aw = _expand(alpha, CB, B, W)
+    bw = _expand(beta, CB, B, W)
+    if W >= _SPLIT_COLS or R < 2 * T:
+        Q = _col_chunks(W, T)
+        for qq in prange(Q):
+            j0 = (qq * W) // Q
+            j1 = ((qq + 1) * W) // Q
+            _rows_affine(xf, yf, j0, W, j1 - j0, 0, R, aw[j0:j1], bw[j0:j1])
+    else:
+        rows = _split(R, 2 * T)
+        for p in prange(rows.shape[0] - 1):
+            _rows_affine(xf, yf, 0, W, W, rows[p], rows[p + 1], aw, bw)
+    _rows_affine(xf, yf, R * W, CB, CB, 0, A - R * k, aw, bw)
+    return y
+
+
+# --------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------
+
+
+@njit(**_OPTS)
+def _bw_rows_finish(so, to, tso, tto, Rt, C, B, k, mean, invstd, w, M, dw_out, db_out, g, c2, c3):
+    CB = C * B
+    s = np.zeros(C)
+    t = np.zeros(C)
+    for p in range(so.shape[0]):
+        sp = so[p]  # one view per range, not per channel
+        tp = to[p]
+        for c in range(C):
+            s[c] += _fold_sum(sp, CB, B, k, c)
+            t[c] += _fold_sum(tp, CB, B, k, c)
+    if Rt > 0:
+        for c in range(C):
+            s[c] += _fold_sum(tso, CB, B, 1, c)
+            t[c] += _fold_sum(tto, CB, B, 1, c)
+    for c in range(C):
+        dwc, g[c], c2[c], c3[c] = _bcoef(s[c], t[c], np.float64(mean[c]), np.float64(invstd[c]), w[c], M)
+        dw_out[c] = dwc
+        db_out[c] = s[c]
+
+
+@njit(**_OPTS)
+def _bw_serial(dy, x, mean, invstd, w):
+    A, C, B = x.shape
+    M = np.float64(A * B)
+    Mi = A * B
+    dyf = dy.reshape(dy.size)
+    xf = x.reshape(x.size)
+    dx = np.empty_like(x)
+    dxf = dx.reshape(dx.size)
+    dw_out = np.empty(C, w.dtype)
+    db_out = np.empty(C, w.dtype)
+    if B >= _RUN:
+        for c in range(C):
+            mu = np.float64(mean[c])
+            inv = np.float64(invstd[c])
+            sdy, sdyx = _cf_bsums(dyf, xf, C, B, c, 0, Mi, mu)
+            dwc, g, c2, c3 = _bcoef(sdy, sdyx, mu, inv, w[c], M)
+            dw_out[c] = dwc
+            db_out[c] = sdy
+            _cf_bapply(dyf, xf, dxf, C, B, c, 0, Mi, g, c2, c3)
+        return dx, dw_out, db_out
+    CB = C * B
+    k = _wide_k(CB)
+    W = k * CB
+    R = A // k
+    Rt = A - R * k
+    mw = _expand(mean.astype(np.float64), CB, B, W)
+    so = np.zeros((1, W))
+    to = np.zeros((1, W))
+    _rows_bsums(dyf, xf, 0, W, W, 0, R, mw, so[0], to[0])
+    tso = np.zeros(CB)
+    tto = np.zeros(CB)
+    _rows_bsums(dyf, xf, R * W, CB, CB, 0, Rt, mw, tso, tto)
+    g = np.empty(C)
+    c2 = np.empty(C)
+    c3 = np.empty(C)
+    _bw_rows_finish(so, to, tso, tto, Rt, C, B, k, mean, invstd, w, M, dw_out, db_out, g, c2, c3)
+    if B >= _SHORT:
+        _runs_bapply(dyf, xf, dxf, C, B, 0, A, 0, C, g, c2, c3)
+        return dx, dw_out, db_out
+    gw = _expand(g, CB, B, W)
+    c2w = _expand(c2, CB, B, W)
+    c3w = _expand(c3, CB, B, W)
+    _rows_bapply(dyf, xf, dxf, 0, W, W, 0, R, gw, c2w, c3w)
+    _rows_bapply(dyf, xf, dxf, R * W, CB, CB, 0, Rt, gw, c2w, c3w)
+    return dx, dw_out, db_out
+
+
+@njit(parallel=True, **_OPTS)
+def _bw_parallel(dy, x, mean, invstd, w, T, dx):
+    A, C, B = x.shape
+    M = np.float64(A * B)
+    Mi = A * B
+    dyf = dy.reshape(dy.size)
+    xf = x.reshape(x.size)
+    dxf = dx.reshape(dx.size)
+    dw_out = np.empty(C, w.dtype)
+    db_out = np.empty(C, w.dtype)
+    g = np.empty(C)
+    c2 = np.empty(C)
+    c3 = np.empty(C)
+    if B >= _RUN:
+        if _cf_fused(C, T):
+            for c in prange(C):
+                mu = np.float64(mean[c])
+                inv = np.float64(invstd[c])
+                sdy, sdyx = _cf_bsums(dyf, xf, C, B, c, 0, Mi, mu)
+                dwc, gc, c2c, c3c = _bcoef(sdy, sdyx, mu, inv, w[c], M)
+                dw_out[c] = dwc
+                db_out[c] = sdy
+                _cf_bapply(dyf, xf, dxf, C, B, c, 0, Mi, gc, c2c, c3c)
+            return dx, dw_out, db_out
+        P = _cf_chunks(C, Mi, T)
+        ps = np.empty(C * P)
+        pt = np.empty(C * P)
+        for it in prange(C * P):
+            c = it // P
+            p = it - c * P
+            s1, t1 = _cf_bsums(dyf, xf, C, B, c, (p * Mi) // P, ((p + 1) * Mi) // P, np.float64(mean[c]))
+            ps[it] = s1
+            pt[it] = t1
+        for ch in range(C):
+            s = 0.0
+            t = 0.0
+            for pp in range(P):
+                s += ps[ch * P + pp]
+                t += pt[ch * P + pp]
+            dwc, g[ch], c2[ch], c3[ch] = _bcoef(s, t, np.float64(mean[ch]), np.float64(invstd[ch]), w[ch], M)
+            dw_out[ch] = dwc
+            db_out[ch] = s
+        for it in prange(C * P):
+            c = it // P
+            p = it - c * P
+            _cf_bapply(dyf, xf, dxf, C, B, c, (p * Mi) // P, ((p + 1) * Mi) // P, g[c], c2[c], c3[c])
+        return dx, dw_out, db_out
+    CB = C * B
+    k = _wide_k(CB)
+    gsz = _group(A, C, B, T) if k == 1 else 0
+    if gsz > 0:
+        for grp in prange((C + gsz - 1) // gsz):
+            c0 = grp * gsz
+            c1 = min(C, c0 + gsz)
+            cw = (c1 - c0) * B
+            mw = np.empty(cw)
+            _spread(mean, c0, c1, B, mw)
+            so = np.zeros(cw)
+            to = np.zeros(cw)
+            _rows_bsums(dyf, xf, c0 * B, CB, cw, 0, A, mw, so, to)
+            for c in range(c0, c1):
+                s = _fold_sum(so, cw, B, 1, c - c0)
+                t = _fold_sum(to, cw, B, 1, c - c0)
+                dwc, g[c], c2[c], c3[c] = _bcoef(s, t, np.float64(mean[c]), np.float64(invstd[c]), w[c], M)
+                dw_out[c] = dwc
+                db_out[c] = s
+            if B >= _SHORT:
+                _runs_bapply(dyf, xf, dxf, C, B, 0, A, c0, c1, g, c2, c3)
+            else:
+                _spread(g, c0, c1, B, so)
+                _spread(c2, c0, c1, B, to)
+                _spread(c3, c0, c1, B, mw)
+                _rows_bapply(dyf, xf, dxf, c0 * B, CB, cw, 0, A, so, to, mw)
+        return dx, dw_out, db_out
+    W = k * CB
+    R = A // k
+    Rt = A - R * k
+    mw = _expand(mean.astype(np.float64), CB, B, W)
+    rows = _split(R, 2 * T)
+    P = rows.shape[0] - 1
+    so = np.zeros((P, W))
+    to = np.zeros((P, W))
+    for p in prange(P):
+        _rows_bsums(dyf, xf, 0, W, W, rows[p], rows[p + 1], mw, so[p], to[p])
+    tso = np.zeros(CB)
+    tto = np.zeros(CB)
+    _rows_bsums(dyf, xf, R * W, CB, CB, 0, Rt, mw, tso, tto)
+    _bw_rows_finish(so, to, tso, tto, Rt, C, B, k, mean, invstd, w, M, dw_out, db_out, g, c2, c3)
+    if B >= _SHORT and k == 1:
+        for p in prange(P):
+            _runs_bapply(dyf, xf, dxf, C, B, rows[p], rows[p + 1], 0, C, g, c2, c3)
+        return dx, dw_out, db_out
+    gw = _expand(g, CB, B, W)
+    c2w = _expand(c2, CB, B, W)
+    c3w = _expand(c3, CB, B, W)
+    if W >= _SPLIT_COLS:
+        Q = _col_chunks(W, T)
+        for qq in prange(Q):
+            j0 = (qq * W) // Q
+            j1 = ((qq + 1) * W) // Q
+            _rows_bapply(dyf, xf, dxf, j0, W, j1 - j0, 0, R, gw[j0:j1], c2w[j0:j1], c3w[j0:j1])
+    else:
+        for p in prange(P):
+            _rows_bapply(dyf, xf, dxf, 0, W, W, rows[p], rows[p + 1], gw, c2w, c3w)
+    _rows_bapply(dyf, xf, dxf, R * W, CB, CB, 0, Rt, gw, c2w, c3w)
+    return dx, dw_out, db_out
+
+
+# --------------------------------------------------------------------------------------
+# Running statistics (optional backend function, used by the public API when present)
+# --------------------------------------------------------------------------------------
+
+
+@njit(**_OPTS)
+def update_running_stats(running_mean, running_var, mean, var, momentum, n):
+    """Update running statistics in place, as torch does in training.
+
+    ``running_mean = (1 - momentum) * running_mean + momentum * mean`` and
+    ``running_var = (1 - momentum) * running_var + momentum * var * n / (n - 1)``
+    (the unbiased batch variance), computed in float64 and stored in the running
+    statistics' dtype. One compiled call instead of several small NumPy operations.
+
+    Parameters
+    ----------
+    running_mean, running_var : numpy.ndarray
+        Length-``C`` running statistics, updated in place.
+    mean, var : numpy.ndarray
+        Batch mean and biased batch variance from :func:`forward_train`.
+    momentum : float
+        Weight of the batch statistics.
+    n : int
+        Values per channel in the batch (``A * B``), at least 2.
+    """
+    keep = 1.0 - momentum
+    unbias = momentum * n / (n - 1.0)
+    for c in range(running_mean.shape[0]):
+        running_mean[c] = keep * running_mean[c] + momentum * np.float64(mean[c])
+        running_var[c] = keep * running_var[c] + unbias * np.float64(var[c])
+
+
+# --------------------------------------------------------------------------------------
+# The backend contract
+# --------------------------------------------------------------------------------------
+
+
+def available():
+    """Whether this backend can run here.
+
+    Returns
+    -------
+    tuple of (bool, str)
+        ``(True, "")``: the backend needs only NumPy and Numba, which fastbn requires.
+    """
+    return True, ""
+
+
+def stats_dtype(dtype):
+    """dtype of the statistics, weight and bias for input `dtype`.
+
+    Parameters
+    ----------
+    dtype : numpy.dtype
+        Input dtype (float16, float32 or float64).
+
+    Returns
+    -------
+    numpy.dtype
+        float32 for float16 input, otherwise `dtype`.
+    """
+    dtype = np.dtype(dtype)
+    return _F32 if dtype == _F16 else dtype
+
+
+def forward_train(x3, weight, bias, eps):
+    """Training-mode forward: batch statistics and normalized output.
+
+    Parameters
+    ----------
+    x3 : numpy.ndarray
+        C-contiguous input of shape ``(A, C, B)``, ``A * B >= 1``.
+    weight, bias : numpy.ndarray
+        Length-``C`` arrays of dtype ``stats_dtype(x3.dtype)``.
+    eps : float
+        Added to the variance before the square root.
+
+    Returns
+    -------
+    y3 : numpy.ndarray
+        ``(x3 - mean) * invstd * weight + bias`` in ``x3.dtype``.
+    mean, var, invstd : numpy.ndarray
+        Per-channel batch mean, biased variance and ``1 / sqrt(var + eps)`` (0 where
+        ``var + eps == 0``), in ``stats_dtype(x3.dtype)``.
+    """
+    if x3.dtype.char == "e":
+        y, m, v, i = forward_train(x3.astype(_F32), weight, bias, eps)
+        return y.astype(_F16), m, v, i
+    if x3.size <= SERIAL_MAX:
+        return _ft_serial(x3, weight, bias, eps)
+    return _ft_parallel(x3, weight, bias, eps, _nthreads(), np.empty(x3.shape, x3.dtype))
+
+
+def forward_eval(x3, mean, var, weight, bias, eps):
+    """Evaluation-mode forward: normalize with given (running) statistics.
+
+    Parameters
+    ----------
+    x3 : numpy.ndarray
+        C-contiguous input of shape ``(A, C, B)``.
+    mean, var : numpy.ndarray
+        Length-``C`` statistics of dtype ``stats_dtype(x3.dtype)``.
+    weight, bias : numpy.ndarray
+        Length-``C`` affine parameters of the same dtype.
+    eps : float
+        Added to the variance before the square root.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(x3 - mean) / sqrt(var + eps) * weight + bias`` in ``x3.dtype``.
+    """
+    if x3.dtype.char == "e":
+        return forward_eval(x3.astype(_F32), mean, var, weight, bias, eps).astype(_F16)
+    if x3.size <= SERIAL_MAX:
+        return _fe_serial(x3, mean, var, weight, bias, eps)
+    return _fe_parallel(x3, mean, var, weight, bias, eps, _nthreads(), np.empty(x3.shape, x3.dtype))
+
+
+def backward(dy3, x3, mean, invstd, weight):
+    """Gradient of the training-mode forward.
+
+    Parameters
+    ----------
+    dy3 : numpy.ndarray
+        Gradient of the output, same shape and dtype as `x3`, C-contiguous.
+    x3 : numpy.ndarray
+        The forward input, C-contiguous ``(A, C, B)``.
+    mean, invstd : numpy.ndarray
+        The statistics returned by :func:`forward_train`.
+    weight : numpy.ndarray
+        Length-``C`` weight of dtype ``stats_dtype(x3.dtype)``.
+
+    Returns
+    -------
+    dx3 : numpy.ndarray
+        Gradient of the input, in ``x3.dtype``.
+    dweight, dbias : numpy.ndarray
+        ``sum(dy * xhat)`` and ``sum(dy)`` per channel, in ``stats_dtype(x3.dtype)``.
+    """
+    if x3.dtype.char == "e":
+        dx, dw, db = backward(dy3.astype(_F32), x3.astype(_F32), mean, invstd, weight)
+        return dx.astype(_F16), dw, db
+    if x3.size <= SERIAL_MAX:
+        return _bw_serial(dy3, x3, mean, invstd, weight)
+    return _bw_parallel(dy3, x3, mean, invstd, weight, _nthreads(), np.empty(x3.shape, x3.dtype))
