@@ -32,7 +32,10 @@ cache-resident block (at most ``_BLOCK`` values of a channel, or a tile of at mo
 deviations from that mean are summed, and blocks are merged with Chan's formula (so
 are per-thread partials and the columns of a channel). This reads the data from memory
 once and has the accuracy of the two-pass algorithm: the error does not grow with
-``(|mean| / std)**2`` as ``E[x**2] - E[x]**2`` does. Normalization is one multiply-add
+``(|mean| / std)**2`` as ``E[x**2] - E[x]**2`` does (merging rounded block means
+leaves a relative error of order ``G * |mean| / std``, with ``G`` the relative error
+of the float64 sums: at most ``M * u64``, typically ``~sqrt(M) * u64``). Small tensors (the serial kernels, cache resident) use the plain two-pass
+algorithm over each whole channel, without merges. Normalization is one multiply-add
 per value, ``y = x * alpha + beta`` with ``alpha = weight * invstd`` and
 ``beta = bias - mean * alpha`` computed and applied in float64, so that the
 cancellation between ``x * alpha`` and ``beta`` for data far from zero costs float64,
@@ -69,16 +72,16 @@ from numba import njit, prange
 _nthreads = numba.get_num_threads
 
 __all__ = [
-    "name",
-    "xp",
-    "dtypes",
-    "available",
-    "stats_dtype",
-    "forward_train",
-    "forward_eval",
-    "backward",
-    "update_running_stats",
     "SERIAL_MAX",
+    "available",
+    "backward",
+    "dtypes",
+    "forward_eval",
+    "forward_train",
+    "name",
+    "stats_dtype",
+    "update_running_stats",
+    "xp",
 ]
 
 #: The backend's name, as accepted by ``backend=``.
@@ -113,14 +116,14 @@ _FUSE = 1 << 16
 # Elementwise passes over runs of at least _SHORT values go run by run with per-channel
 # scalars (measured as fast as a copy for runs of 49); shorter runs use row tiles.
 _SHORT = 32
-# Elementwise passes over rows of at least _SPLIT_COLS values split the columns between
+# Forward-eval over rows of at least _SPLIT_COLS values splits the columns between
 # threads (so each thread's per-column coefficients stay in L1), not the rows.
 _SPLIT_COLS = 2048
 # Minimum number of values per parallel work item (smaller items cost more to schedule
 # than they save).
 _MIN_ITEM = 1 << 14
 
-_OPTS = dict(cache=True, error_model="numpy", nogil=True)
+_OPTS = {"cache": True, "error_model": "numpy", "nogil": True}
 _RED = {"reassoc", "contract"}  # reductions only
 _EW = {"contract"}  # elementwise: multiply-add fusion only
 
@@ -508,7 +511,9 @@ def _rows_bsums(dyf, xf, base, stride, wd, r0, r1, mw, so, to):
             cw = min(cwm, wd - j0)
             r = b0
             while r + 4 <= b1:
-                _bsums_rows4(dyf, xf, base + r * stride + j0, stride, mw, so, to, j0, cw)
+                _bsums_rows4(
+                    dyf, xf, base + r * stride + j0, stride, mw, so, to, j0, cw
+                )
                 r += 4
             while r < b1:
                 _bsums_row(dyf, xf, base + r * stride + j0, mw, so, to, j0, cw)
@@ -668,11 +673,15 @@ def _merge_parts(pm, pq, rows, tm, tq, Rt, C, B, k, mean64, m2):
             qo = pq[p]
             for c in range(C):
                 m1, q1 = _fold(mo, qo, CB, B, k, c, np.float64(nr))
-                cnt[c], mean64[c], m2[c] = _chan(cnt[c], mean64[c], m2[c], np.float64(nr * k * B), m1, q1)
+                cnt[c], mean64[c], m2[c] = _chan(
+                    cnt[c], mean64[c], m2[c], np.float64(nr * k * B), m1, q1
+                )
     if Rt > 0:
         for c in range(C):
             m1, q1 = _fold(tm, tq, CB, B, 1, c, np.float64(Rt))
-            cnt[c], mean64[c], m2[c] = _chan(cnt[c], mean64[c], m2[c], np.float64(Rt * B), m1, q1)
+            cnt[c], mean64[c], m2[c] = _chan(
+                cnt[c], mean64[c], m2[c], np.float64(Rt * B), m1, q1
+            )
 
 
 # --------------------------------------------------------------------------------------
@@ -766,7 +775,9 @@ def _ft_serial(x, w, b, eps):
     alpha = np.empty(C)
     beta = np.empty(C)
     _serial_stats(xf, A, C, B, mean64, m2)
-    _finish(mean64, m2, np.float64(M), w, b, eps, mean_out, var_out, inv_out, alpha, beta)
+    _finish(
+        mean64, m2, np.float64(M), w, b, eps, mean_out, var_out, inv_out, alpha, beta
+    )
     if B >= _SHORT:
         _runs_affine(xf, yf, C, B, 0, A, 0, C, alpha, beta)
         return y, mean_out, var_out, inv_out
@@ -820,14 +831,30 @@ def _ft_parallel(x, w, b, eps, T, y):
             tq = 0.0
             for pp in range(P):
                 nb = np.float64(((pp + 1) * M) // P - (pp * M) // P)
-                tn, tmu, tq = _chan(tn, tmu, tq, nb, pmean[ch * P + pp], pm2[ch * P + pp])
+                tn, tmu, tq = _chan(
+                    tn, tmu, tq, nb, pmean[ch * P + pp], pm2[ch * P + pp]
+                )
             mean64[ch] = tmu
             m2[ch] = tq
-        _finish(mean64, m2, np.float64(M), w, b, eps, mean_out, var_out, inv_out, alpha, beta)
+        _finish(
+            mean64,
+            m2,
+            np.float64(M),
+            w,
+            b,
+            eps,
+            mean_out,
+            var_out,
+            inv_out,
+            alpha,
+            beta,
+        )
         for it in prange(C * P):
             c = it // P
             p = it - c * P
-            _cf_affine(xf, yf, C, B, c, (p * M) // P, ((p + 1) * M) // P, alpha[c], beta[c])
+            _cf_affine(
+                xf, yf, C, B, c, (p * M) // P, ((p + 1) * M) // P, alpha[c], beta[c]
+            )
         return y, mean_out, var_out, inv_out
     CB = C * B
     k = _wide_k(CB)
@@ -870,22 +897,17 @@ def _ft_parallel(x, w, b, eps, T, y):
     tq = np.empty(CB)
     _rows_stats(xf, R * W, CB, CB, 0, Rt, tm, tq)
     _merge_parts(pm, pq, rows, tm, tq, Rt, C, B, k, mean64, m2)
-    _finish(mean64, m2, np.float64(M), w, b, eps, mean_out, var_out, inv_out, alpha, beta)
+    _finish(
+        mean64, m2, np.float64(M), w, b, eps, mean_out, var_out, inv_out, alpha, beta
+    )
     if B >= _SHORT and k == 1:
         for p in prange(P):
             _runs_affine(xf, yf, C, B, rows[p], rows[p + 1], 0, C, alpha, beta)
         return y, mean_out, var_out, inv_out
     aw = _expand(alpha, CB, B, W)
     bw = _expand(beta, CB, B, W)
-    if W >= _SPLIT_COLS:
-        Q = _col_chunks(W, T)
-        for qq in prange(Q):
-            j0 = (qq * W) // Q
-            j1 = ((qq + 1) * W) // Q
-            _rows_affine(xf, yf, j0, W, j1 - j0, 0, R, aw[j0:j1], bw[j0:j1])
-    else:
-        for p in prange(P):
-            _rows_affine(xf, yf, 0, W, W, rows[p], rows[p + 1], aw, bw)
+    for p in prange(P):
+        _rows_affine(xf, yf, 0, W, W, rows[p], rows[p + 1], aw, bw)
     _rows_affine(xf, yf, R * W, CB, CB, 0, Rt, aw, bw)
     return y, mean_out, var_out, inv_out
 
@@ -945,7 +967,9 @@ def _fe_parallel(x, mean, var, w, b, eps, T, y):
         for it in prange(C * P):
             c = it // P
             p = it - c * P
-            _cf_affine(xf, yf, C, B, c, (p * M) // P, ((p + 1) * M) // P, alpha[c], beta[c])
+            _cf_affine(
+                xf, yf, C, B, c, (p * M) // P, ((p + 1) * M) // P, alpha[c], beta[c]
+            )
         return y
     CB = C * B
     k = _wide_k(CB)
@@ -973,7 +997,9 @@ def _fe_parallel(x, mean, var, w, b, eps, T, y):
 
 
 @njit(**_OPTS)
-def _bw_rows_finish(so, to, tso, tto, Rt, C, B, k, mean, invstd, w, M, dw_out, db_out, g, c2, c3):
+def _bw_rows_finish(
+    so, to, tso, tto, Rt, C, B, k, mean, invstd, w, M, dw_out, db_out, g, c2, c3
+):
     CB = C * B
     s = np.zeros(C)
     t = np.zeros(C)
@@ -988,7 +1014,9 @@ def _bw_rows_finish(so, to, tso, tto, Rt, C, B, k, mean, invstd, w, M, dw_out, d
             s[c] += _fold_sum(tso, CB, B, 1, c)
             t[c] += _fold_sum(tto, CB, B, 1, c)
     for c in range(C):
-        dwc, g[c], c2[c], c3[c] = _bcoef(s[c], t[c], np.float64(mean[c]), np.float64(invstd[c]), w[c], M)
+        dwc, g[c], c2[c], c3[c] = _bcoef(
+            s[c], t[c], np.float64(mean[c]), np.float64(invstd[c]), w[c], M
+        )
         dw_out[c] = dwc
         db_out[c] = s[c]
 
@@ -1029,7 +1057,9 @@ def _bw_serial(dy, x, mean, invstd, w):
     g = np.empty(C)
     c2 = np.empty(C)
     c3 = np.empty(C)
-    _bw_rows_finish(so, to, tso, tto, Rt, C, B, k, mean, invstd, w, M, dw_out, db_out, g, c2, c3)
+    _bw_rows_finish(
+        so, to, tso, tto, Rt, C, B, k, mean, invstd, w, M, dw_out, db_out, g, c2, c3
+    )
     if B >= _SHORT:
         _runs_bapply(dyf, xf, dxf, C, B, 0, A, 0, C, g, c2, c3)
         return dx, dw_out, db_out
@@ -1071,7 +1101,16 @@ def _bw_parallel(dy, x, mean, invstd, w, T, dx):
         for it in prange(C * P):
             c = it // P
             p = it - c * P
-            s1, t1 = _cf_bsums(dyf, xf, C, B, c, (p * Mi) // P, ((p + 1) * Mi) // P, np.float64(mean[c]))
+            s1, t1 = _cf_bsums(
+                dyf,
+                xf,
+                C,
+                B,
+                c,
+                (p * Mi) // P,
+                ((p + 1) * Mi) // P,
+                np.float64(mean[c]),
+            )
             ps[it] = s1
             pt[it] = t1
         for ch in range(C):
@@ -1080,13 +1119,27 @@ def _bw_parallel(dy, x, mean, invstd, w, T, dx):
             for pp in range(P):
                 s += ps[ch * P + pp]
                 t += pt[ch * P + pp]
-            dwc, g[ch], c2[ch], c3[ch] = _bcoef(s, t, np.float64(mean[ch]), np.float64(invstd[ch]), w[ch], M)
+            dwc, g[ch], c2[ch], c3[ch] = _bcoef(
+                s, t, np.float64(mean[ch]), np.float64(invstd[ch]), w[ch], M
+            )
             dw_out[ch] = dwc
             db_out[ch] = s
         for it in prange(C * P):
             c = it // P
             p = it - c * P
-            _cf_bapply(dyf, xf, dxf, C, B, c, (p * Mi) // P, ((p + 1) * Mi) // P, g[c], c2[c], c3[c])
+            _cf_bapply(
+                dyf,
+                xf,
+                dxf,
+                C,
+                B,
+                c,
+                (p * Mi) // P,
+                ((p + 1) * Mi) // P,
+                g[c],
+                c2[c],
+                c3[c],
+            )
         return dx, dw_out, db_out
     CB = C * B
     k = _wide_k(CB)
@@ -1104,7 +1157,9 @@ def _bw_parallel(dy, x, mean, invstd, w, T, dx):
             for c in range(c0, c1):
                 s = _fold_sum(so, cw, B, 1, c - c0)
                 t = _fold_sum(to, cw, B, 1, c - c0)
-                dwc, g[c], c2[c], c3[c] = _bcoef(s, t, np.float64(mean[c]), np.float64(invstd[c]), w[c], M)
+                dwc, g[c], c2[c], c3[c] = _bcoef(
+                    s, t, np.float64(mean[c]), np.float64(invstd[c]), w[c], M
+                )
                 dw_out[c] = dwc
                 db_out[c] = s
             if B >= _SHORT:
@@ -1128,7 +1183,9 @@ def _bw_parallel(dy, x, mean, invstd, w, T, dx):
     tso = np.zeros(CB)
     tto = np.zeros(CB)
     _rows_bsums(dyf, xf, R * W, CB, CB, 0, Rt, mw, tso, tto)
-    _bw_rows_finish(so, to, tso, tto, Rt, C, B, k, mean, invstd, w, M, dw_out, db_out, g, c2, c3)
+    _bw_rows_finish(
+        so, to, tso, tto, Rt, C, B, k, mean, invstd, w, M, dw_out, db_out, g, c2, c3
+    )
     if B >= _SHORT and k == 1:
         for p in prange(P):
             _runs_bapply(dyf, xf, dxf, C, B, rows[p], rows[p + 1], 0, C, g, c2, c3)
@@ -1136,15 +1193,8 @@ def _bw_parallel(dy, x, mean, invstd, w, T, dx):
     gw = _expand(g, CB, B, W)
     c2w = _expand(c2, CB, B, W)
     c3w = _expand(c3, CB, B, W)
-    if W >= _SPLIT_COLS:
-        Q = _col_chunks(W, T)
-        for qq in prange(Q):
-            j0 = (qq * W) // Q
-            j1 = ((qq + 1) * W) // Q
-            _rows_bapply(dyf, xf, dxf, j0, W, j1 - j0, 0, R, gw[j0:j1], c2w[j0:j1], c3w[j0:j1])
-    else:
-        for p in prange(P):
-            _rows_bapply(dyf, xf, dxf, 0, W, W, rows[p], rows[p + 1], gw, c2w, c3w)
+    for p in prange(P):
+        _rows_bapply(dyf, xf, dxf, 0, W, W, rows[p], rows[p + 1], gw, c2w, c3w)
     _rows_bapply(dyf, xf, dxf, R * W, CB, CB, 0, Rt, gw, c2w, c3w)
     return dx, dw_out, db_out
 
@@ -1239,7 +1289,9 @@ def forward_train(x3, weight, bias, eps):
         return y.astype(_F16), m, v, i
     if x3.size <= SERIAL_MAX:
         return _ft_serial(x3, weight, bias, eps)
-    return _ft_parallel(x3, weight, bias, eps, _nthreads(), np.empty(x3.shape, x3.dtype))
+    return _ft_parallel(
+        x3, weight, bias, eps, _nthreads(), np.empty(x3.shape, x3.dtype)
+    )
 
 
 def forward_eval(x3, mean, var, weight, bias, eps):
@@ -1265,7 +1317,9 @@ def forward_eval(x3, mean, var, weight, bias, eps):
         return forward_eval(x3.astype(_F32), mean, var, weight, bias, eps).astype(_F16)
     if x3.size <= SERIAL_MAX:
         return _fe_serial(x3, mean, var, weight, bias, eps)
-    return _fe_parallel(x3, mean, var, weight, bias, eps, _nthreads(), np.empty(x3.shape, x3.dtype))
+    return _fe_parallel(
+        x3, mean, var, weight, bias, eps, _nthreads(), np.empty(x3.shape, x3.dtype)
+    )
 
 
 def backward(dy3, x3, mean, invstd, weight):
@@ -1294,4 +1348,6 @@ def backward(dy3, x3, mean, invstd, weight):
         return dx.astype(_F16), dw, db
     if x3.size <= SERIAL_MAX:
         return _bw_serial(dy3, x3, mean, invstd, weight)
-    return _bw_parallel(dy3, x3, mean, invstd, weight, _nthreads(), np.empty(x3.shape, x3.dtype))
+    return _bw_parallel(
+        dy3, x3, mean, invstd, weight, _nthreads(), np.empty(x3.shape, x3.dtype)
+    )
