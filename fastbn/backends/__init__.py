@@ -49,7 +49,30 @@ import importlib
 import sys
 from types import ModuleType
 
-__all__ = ["BACKEND_MODULES", "available_backends", "get_backend", "backend_for", "backend_report"]
+import numpy as np
+
+__all__ = ["BACKEND_MODULES", "available_backends", "get_backend", "backend_for", "backend_report",
+           "stats_dtype"]
+
+
+def stats_dtype(dtype) -> np.dtype:
+    """dtype of the statistics, parameters and running stats for input `dtype`.
+
+    Every backend uses this rule (and re-exports it as its own ``stats_dtype``): float16
+    data keeps float32 statistics, as in torch's mixed precision; other dtypes keep their own.
+
+    Parameters
+    ----------
+    dtype : numpy dtype-like
+        The input's dtype.
+
+    Returns
+    -------
+    numpy.dtype
+        float32 for float16 input, otherwise `dtype`.
+    """
+    dtype = np.dtype(dtype)
+    return np.dtype(np.float32) if dtype == np.float16 else dtype
 
 #: backend name -> module path. Modules are imported only when first needed.
 BACKEND_MODULES = {

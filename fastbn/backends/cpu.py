@@ -67,6 +67,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from . import stats_dtype  # the shared rule: float16 -> float32 statistics
+
 # Read at every parallel call (not cached), so numba.set_num_threads is respected; the
 # kernels take it as an argument because reading it inside compiled code prevents caching.
 _nthreads = numba.get_num_threads
@@ -1245,23 +1247,6 @@ def available():
         ``(True, "")``: the backend needs only NumPy and Numba, which fastbn requires.
     """
     return True, ""
-
-
-def stats_dtype(dtype):
-    """dtype of the statistics, weight and bias for input `dtype`.
-
-    Parameters
-    ----------
-    dtype : numpy.dtype
-        Input dtype (float16, float32 or float64).
-
-    Returns
-    -------
-    numpy.dtype
-        float32 for float16 input, otherwise `dtype`.
-    """
-    dtype = np.dtype(dtype)
-    return _F32 if dtype == _F16 else dtype
 
 
 def forward_train(x3, weight, bias, eps):

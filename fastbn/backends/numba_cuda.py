@@ -25,7 +25,7 @@ import math
 
 import numpy as np
 
-from fastbn.backends import _cuda_shim
+from fastbn.backends import _cuda_shim, stats_dtype  # stats_dtype: the shared float16 rule
 
 __all__ = ["name", "dtypes", "available", "stats_dtype", "forward_train", "forward_eval",
            "backward"]
@@ -77,22 +77,6 @@ def available() -> tuple[bool, str]:
     if why is not None:
         return False, why
     return True, "ok"
-
-
-def stats_dtype(dtype) -> np.dtype:
-    """dtype of the statistics and parameters for input `dtype` (float16 -> float32).
-
-    Parameters
-    ----------
-    dtype : numpy dtype-like
-        Input dtype.
-
-    Returns
-    -------
-    numpy.dtype
-    """
-    dtype = np.dtype(dtype)
-    return np.dtype(np.float32) if dtype == np.float16 else dtype
 
 
 # ----------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import stats_dtype  # the shared rule: float16 -> float32 statistics
+
 name = "reference"
 xp = np
 dtypes = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
@@ -17,12 +19,6 @@ dtypes = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 def available():
     """The reference needs only NumPy: always ``(True, "")``."""
     return True, ""
-
-
-def stats_dtype(dtype):
-    """float16 data keeps float32 statistics; other dtypes keep their own."""
-    dtype = np.dtype(dtype)
-    return np.dtype(np.float32) if dtype == np.float16 else dtype
 
 
 def _invstd(var, eps):
