@@ -75,45 +75,44 @@ def _check_training_flag(training) -> bool:
 
 
 # --------------------------------------------------------------------------- canonical form
-class _Canon:
-    """The ``(A, C, B)`` view of an array and how to turn results back into its layout."""
+def _canonical(arr, ax, xp):
+    """The ``(A, C, B)`` view of `arr`: returns ``(x3, perm, shape)``.
 
-    __slots__ = ("perm", "tshape", "x3")
-
-    def __init__(self, arr, ax, xp):
-        if arr.flags.c_contiguous:  # fast path: the common case
-            xt, perm, pos = arr, None, ax
+    ``perm`` is None when no axis reordering was needed, else the axis order in which the
+    data is C-contiguous; ``shape`` is the shape of ``arr.transpose(perm)``. Dense layouts
+    are viewed without a copy; others are copied once.
+    """
+    if arr.flags.c_contiguous:  # fast path: the common case
+        xt, perm, pos = arr, None, ax
+    else:
+        perm, pos = v.canonical_perm(arr, ax)
+        if perm is None:
+            xt = xp.ascontiguousarray(arr)
+            pos = ax
         else:
-            perm, pos = v.canonical_perm(arr, ax)
-            if perm is None:
-                xt = xp.ascontiguousarray(arr)
-                pos = ax
-            else:
-                xt = arr.transpose(perm)
-        shape = xt.shape
-        self.perm = perm
-        self.tshape = shape
-        a = 1
-        for n in shape[:pos]:
-            a *= n
-        self.x3 = xt.reshape(a, shape[pos], xt.size // (a * shape[pos]) if xt.size else
-                             math.prod(shape[pos + 1:]))
+            xt = arr.transpose(perm)
+    shape = xt.shape
+    c = shape[pos]
+    a = math.prod(shape[:pos])
+    return xt.reshape(a, c, math.prod(shape[pos + 1:])), perm, shape
 
-    def same_layout(self, other, xp):
-        """View `other` (same shape as the input) in this canonical order, copying if needed."""
-        if self.perm is not None:
-            other = other.transpose(self.perm)
-        return xp.ascontiguousarray(other).reshape(self.x3.shape)
 
-    def restore(self, y3):
-        """Turn an ``(A, C, B)`` result back into the input's shape and memory layout."""
-        y = y3.reshape(self.tshape)
-        if self.perm is None:
-            return y
-        inverse = [0] * len(self.perm)
-        for i, p in enumerate(self.perm):
-            inverse[p] = i
-        return y.transpose(inverse)
+def _same_layout(other, perm, shape3, xp):
+    """View `other` (same shape as the input) in the input's canonical order, copying if needed."""
+    if perm is not None:
+        other = other.transpose(perm)
+    return xp.ascontiguousarray(other).reshape(shape3)
+
+
+def _restore(y3, perm, shape):
+    """Turn an ``(A, C, B)`` result back into the input's shape and memory layout."""
+    y = y3.reshape(shape)
+    if perm is None:
+        return y
+    inverse = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inverse[p] = i
+    return y.transpose(inverse)
 
 
 _stats_dtypes: dict = {}
@@ -168,16 +167,16 @@ def _forward_train(arr, ax, be, w, b, eps, rm, rv, momentum):
         # Nothing to normalize: an empty result, undefined (NaN) statistics, state untouched.
         nan = xp.full(c, np.nan, dtype=sd)
         return xp.empty_like(arr), nan, nan.copy()
-    canon = _Canon(arr, ax, xp)
+    x3, perm, shape = _canonical(arr, ax, xp)
     y3, mean, var, invstd = be.forward_train(
-        canon.x3, _param(w, 1.0, c, be, sd), _param(b, 0.0, c, be, sd), eps
+        x3, _param(w, 1.0, c, be, sd), _param(b, 0.0, c, be, sd), eps
     )
     if rm is not None:
-        m = canon.x3.shape[0] * canon.x3.shape[2]
+        m = x3.shape[0] * x3.shape[2]
         update = getattr(be, "update_running_stats", None)
         if update is not None:  # one compiled call instead of six small array operations
             update(rm, rv, mean, var, momentum, m)
-            return canon.restore(y3), mean, invstd
+            return _restore(y3, perm, shape), mean, invstd
         # torch's update, in the running statistics' own dtype; both new values are formed
         # before either array is written.
         new_rm = rm * (1.0 - momentum)
@@ -186,7 +185,7 @@ def _forward_train(arr, ax, be, w, b, eps, rm, rv, momentum):
         new_rv += var * (momentum * m / (m - 1))
         rm[...] = new_rm
         rv[...] = new_rv
-    return canon.restore(y3), mean, invstd
+    return _restore(y3, perm, shape), mean, invstd
 
 
 def batch_norm_forward(x, weight=None, bias=None, *, eps=1e-5, axis=1, running_mean=None,
@@ -321,10 +320,10 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     if arr.size == 0:
         return _wrap(wrap, xp.empty_like(arr))
     sd = _stats_dtype(be, arr.dtype)
-    canon = _Canon(arr, ax, xp)
-    y3 = be.forward_eval(canon.x3, _param(rm, 0.0, c, be, sd), _param(rv, 1.0, c, be, sd),
+    x3, perm, shape = _canonical(arr, ax, xp)
+    y3 = be.forward_eval(x3, _param(rm, 0.0, c, be, sd), _param(rv, 1.0, c, be, sd),
                          _param(w, 1.0, c, be, sd), _param(b, 0.0, c, be, sd), eps)
-    return _wrap(wrap, canon.restore(y3))
+    return _wrap(wrap, _restore(y3, perm, shape))
 
 
 # --------------------------------------------------------------------------- backward
@@ -380,10 +379,10 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *, axis=1, b
     sd = _stats_dtype(be, arr.dtype)
     if arr.size == 0:
         return _wrap(wrap, xp.empty_like(arr), xp.zeros(c, dtype=sd), xp.zeros(c, dtype=sd))
-    canon = _Canon(arr, ax, xp)
+    x3, perm, shape = _canonical(arr, ax, xp)
     if d.dtype != arr.dtype:
         d = d.astype(arr.dtype)
-    dy3 = canon.same_layout(d, xp)
-    dx3, dweight, dbias = be.backward(dy3, canon.x3, _param(mean, 0.0, c, be, sd),
+    dy3 = _same_layout(d, perm, x3.shape, xp)
+    dx3, dweight, dbias = be.backward(dy3, x3, _param(mean, 0.0, c, be, sd),
                                       _param(invstd, 1.0, c, be, sd), _param(w, 1.0, c, be, sd))
-    return _wrap(wrap, canon.restore(dx3), dweight, dbias)
+    return _wrap(wrap, _restore(dx3, perm, shape), dweight, dbias)
