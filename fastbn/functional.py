@@ -44,14 +44,15 @@ def _select_backend(library: str, backend):
 
 
 def _default_for(library: str):
-        try:
-            return _backends.backend_for(library)
-        except RuntimeError as exc:
-            if library != "numpy":
-                raise
-            warnings.warn(f"{exc}; falling back to the slow 'reference' backend", RuntimeWarning,
-                          stacklevel=5)
-            return _backends.get_backend("reference")
+    """The default backend for `library`; NumPy falls back to the reference if Numba fails."""
+    try:
+        return _backends.backend_for(library)
+    except RuntimeError as exc:
+        if library != "numpy":
+            raise
+        warnings.warn(f"{exc}; falling back to the slow 'reference' backend", RuntimeWarning,
+                      stacklevel=5)
+        return _backends.get_backend("reference")
 
 
 _dtype_sets: dict = {}
