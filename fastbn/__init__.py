@@ -8,12 +8,15 @@ The public API::
     bn = fastbn.BatchNorm(num_features, axis=1)
     fastbn.reference        # the float64 NumPy oracle
     fastbn.backends()       # backends usable on this machine
+    fastbn.set_cache_limit(n), fastbn.empty_cache(), fastbn.cache_info()
+                            # reuse of large CPU output buffers
 
 NumPy arrays run on Numba CPU kernels, CuPy arrays on CUDA kernels; other DLPack producers
 are viewed zero-copy. Optional frameworks are imported only when their arrays show up.
 """
 
 from . import reference
+from ._buffers import cache_info, empty_cache, set_cache_limit
 from .backends import available_backends
 from .functional import batch_norm, batch_norm_backward, batch_norm_forward
 from .layers import BatchNorm
@@ -27,5 +30,8 @@ __all__ = [
     "batch_norm",
     "batch_norm_backward",
     "batch_norm_forward",
+    "cache_info",
+    "empty_cache",
     "reference",
+    "set_cache_limit",
 ]
