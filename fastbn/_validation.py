@@ -24,6 +24,8 @@ __all__ = [
 ]
 
 _FLOAT_DTYPES = frozenset(np.dtype(t) for t in (np.float16, np.float32, np.float64))
+#: The floating dtypes any array argument may have (the data's own are per backend).
+FLOAT_DTYPES = _FLOAT_DTYPES
 
 
 def _library_of(obj) -> str:
@@ -213,6 +215,8 @@ def check_running_stats(running_mean, running_var, num_features, library, like, 
 
 def _shares_memory(a, b) -> bool:
     if isinstance(a, np.ndarray):
+        if a.base is None and b.base is None:  # two owners of memory never overlap
+            return a is b
         return np.shares_memory(a, b)
     return a.data.ptr == b.data.ptr
 

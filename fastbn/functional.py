@@ -158,6 +158,52 @@ def _wrap(wrap, *arrays):
     return out if len(out) > 1 else out[0]
 
 
+# --------------------------------------------------------------------------- fast path
+# Small tensors spend as long in argument checks as in the kernel. The common case (C-order
+# NumPy input of a dtype the default backend takes, plain NumPy parameters, Python-float
+# eps and momentum) is recognized with a few inline tests; anything else, valid or not, takes
+# the general path, which does the full validation and raises the errors. The fast path
+# accepts a subset of what the general path accepts and computes the same thing.
+
+
+def _fast_x(x, axis, backend):
+    """``(backend, x3)`` for a C-contiguous, non-empty NumPy `x`, else None."""
+    if type(x) is not np.ndarray or backend is not None or type(axis) is not int:
+        return None
+    be = _default_backend.get("numpy")
+    nd = x.ndim
+    if be is None or nd < 2 or not -nd <= axis < nd or not x.flags.c_contiguous:
+        return None
+    dtypes = _dtype_sets.get(be.name)
+    if dtypes is None or x.dtype not in dtypes or x.size == 0:
+        return None
+    shape = x.shape
+    ax = axis % nd
+    if nd == 2:
+        return be, x.reshape(shape[0], shape[1], 1) if ax == 1 else x.reshape(1, shape[0], shape[1])
+    return be, x.reshape(math.prod(shape[:ax]), shape[ax], math.prod(shape[ax + 1:]))
+
+
+def _fast_param(p, c) -> bool:
+    return p is None or (type(p) is np.ndarray and p.shape == (c,) and p.dtype in v.FLOAT_DTYPES)
+
+
+def _fast_running(rm, rv, c, training) -> bool:
+    """Both running stats are plain, distinct NumPy arrays of length `c` (writable in
+    training) that own their memory (so cannot overlap); or both are None."""
+    if rm is None:
+        return rv is None
+    return (type(rm) is np.ndarray and type(rv) is np.ndarray and rm.shape == (c,)
+            and rv.shape == (c,) and rm.dtype in v.FLOAT_DTYPES and rv.dtype in v.FLOAT_DTYPES
+            and rm.base is None and rv.base is None and rm is not rv
+            and (not training or (rm.flags.writeable and rv.flags.writeable)))
+
+
+def _fast_scalars(eps, momentum) -> bool:
+    return (type(eps) is float and 0.0 <= eps < math.inf and type(momentum) is float
+            and 0.0 <= momentum <= 1.0)
+
+
 # --------------------------------------------------------------------------- training forward
 def _forward_train(arr, ax, be, w, b, eps, rm, rv, momentum):
     """Run the training forward and update the running stats last. Returns y, mean, invstd."""
@@ -169,9 +215,19 @@ def _forward_train(arr, ax, be, w, b, eps, rm, rv, momentum):
         nan = xp.full(c, np.nan, dtype=sd)
         return xp.empty_like(arr), nan, nan.copy()
     x3, perm, shape = _canonical(arr, ax, xp)
-    y3, mean, var, invstd = be.forward_train(
-        x3, _param(w, 1.0, c, be, sd), _param(b, 0.0, c, be, sd), eps
-    )
+    return _forward_train3(x3, perm, shape, be, sd, w, b, eps, rm, rv, momentum)
+
+
+def _forward_train3(x3, perm, shape, be, sd, w, b, eps, rm, rv, momentum):
+    """The training forward on the canonical view `x3` (see :func:`_forward_train`)."""
+    c = x3.shape[1]
+    wc, bc = _param(w, 1.0, c, be, sd), _param(b, 0.0, c, be, sd)
+    if rm is not None:
+        fused = getattr(be, "forward_train_update", None)
+        if fused is not None:  # one call: statistics, output, then the running stats
+            y3, mean, _, invstd = fused(x3, wc, bc, eps, rm, rv, momentum)
+            return _restore(y3, perm, shape), mean, invstd
+    y3, mean, var, invstd = be.forward_train(x3, wc, bc, eps)
     if rm is not None:
         m = x3.shape[0] * x3.shape[2]
         update = getattr(be, "update_running_stats", None)
@@ -245,6 +301,14 @@ def batch_norm_forward(x, weight=None, bias=None, *, eps=1e-5, axis=1, running_m
     >>> bool(np.allclose(y.mean(axis=0), 0, atol=1e-5))
     True
     """
+    fast = _fast_x(x, axis, backend)
+    if fast is not None and _fast_scalars(eps, momentum):
+        be, x3 = fast
+        c = x3.shape[1]
+        if (x3.shape[0] * x3.shape[2] > 1 and _fast_param(weight, c) and _fast_param(bias, c)
+                and _fast_running(running_mean, running_var, c, True)):
+            return _forward_train3(x3, None, x.shape, be, _stats_dtype(be, x.dtype), weight,
+                                   bias, eps, running_mean, running_var, momentum)
     arr, lib, wrap, be, ax = _prepare(x, axis, backend)
     eps = v.check_eps(eps)
     momentum = v.check_momentum(momentum)
@@ -302,6 +366,20 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     >>> float(y[0, 0, 0, 0]) == float(1 / np.sqrt(1 + 1e-5, dtype=np.float32))
     True
     """
+    fast = _fast_x(x, axis, backend)
+    if fast is not None and type(training) is bool and _fast_scalars(eps, momentum):
+        be, x3 = fast
+        c = x3.shape[1]
+        if (_fast_param(weight, c) and _fast_param(bias, c)
+                and _fast_running(running_mean, running_var, c, training)):
+            sd = _stats_dtype(be, x.dtype)
+            if training:
+                if x3.shape[0] * x3.shape[2] > 1:
+                    return _forward_train3(x3, None, x.shape, be, sd, weight, bias, eps,
+                                           running_mean, running_var, momentum)[0]
+            elif running_mean is not None:
+                return _forward_eval3(x3, x.shape, be, sd, running_mean, running_var, weight,
+                                      bias, eps)
     training = _check_training_flag(training)
     arr, lib, wrap, be, ax = _prepare(x, axis, backend)
     eps = v.check_eps(eps)
@@ -320,11 +398,17 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     xp = be.xp
     if arr.size == 0:
         return _wrap(wrap, xp.empty_like(arr))
-    sd = _stats_dtype(be, arr.dtype)
     x3, perm, shape = _canonical(arr, ax, xp)
+    y3 = _forward_eval3(x3, None, be, _stats_dtype(be, arr.dtype), rm, rv, w, b, eps)
+    return _wrap(wrap, _restore(y3, perm, shape))
+
+
+def _forward_eval3(x3, shape, be, sd, rm, rv, w, b, eps):
+    """Eval forward on the canonical view; reshaped to `shape` unless it is None."""
+    c = x3.shape[1]
     y3 = be.forward_eval(x3, _param(rm, 0.0, c, be, sd), _param(rv, 1.0, c, be, sd),
                          _param(w, 1.0, c, be, sd), _param(b, 0.0, c, be, sd), eps)
-    return _wrap(wrap, _restore(y3, perm, shape))
+    return y3 if shape is None else y3.reshape(shape)
 
 
 # --------------------------------------------------------------------------- backward

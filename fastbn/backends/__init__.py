@@ -41,6 +41,9 @@ public API handles empty batches itself. ``weight`` and ``bias`` are never ``Non
     succeeded: ``r = (1 - momentum) * r + momentum * stat`` with the unbiased variance
     ``var * M / (M - 1)``. The running statistics may have any floating dtype and need not be
     contiguous. Backends without it get the same update from array operations.
+``forward_train_update(x3, weight, bias, eps, running_mean, running_var, momentum)`` (optional)
+    ``forward_train`` followed by that update, in one call (saves a dispatch on small
+    tensors); returns what ``forward_train`` returns. Used by the API when present.
 """
 
 from __future__ import annotations

@@ -83,6 +83,7 @@ __all__ = [
     "dtypes",
     "forward_eval",
     "forward_train",
+    "forward_train_update",
     "name",
     "stats_dtype",
     "update_running_stats",
@@ -766,35 +767,44 @@ def _serial_stats(xf, A, C, B, mean64, m2):
 
 
 @njit(**_OPTS)
-def _ft_serial(x, w, b, eps):
+def _ft_serial(x, w, b, eps, y, mean_out, var_out, inv_out):
+    """Serial training forward into preallocated outputs (allocating them in Python and
+    returning nothing is cheaper than boxing four arrays made by Numba)."""
     A, C, B = x.shape
     M = A * B
     xf = x.reshape(x.size)
-    y = np.empty_like(x)
     yf = y.reshape(y.size)
-    mean_out = np.empty(C, w.dtype)
-    var_out = np.empty(C, w.dtype)
-    inv_out = np.empty(C, w.dtype)
-    mean64 = np.empty(C)
-    m2 = np.empty(C)
-    alpha = np.empty(C)
-    beta = np.empty(C)
+    scratch = np.empty(4 * C)  # one allocation for the four float64 work arrays
+    mean64 = scratch[:C]
+    m2 = scratch[C : 2 * C]
+    alpha = scratch[2 * C : 3 * C]
+    beta = scratch[3 * C :]
     _serial_stats(xf, A, C, B, mean64, m2)
     _finish(
         mean64, m2, np.float64(M), w, b, eps, mean_out, var_out, inv_out, alpha, beta
     )
     if B >= _SHORT:
         _runs_affine(xf, yf, C, B, 0, A, 0, C, alpha, beta)
-        return y, mean_out, var_out, inv_out
+        return
     CB = C * B
     k = _wide_k(CB)
     W = k * CB
     R = A // k
+    if W == C:  # rows of channels: the per-column coefficients are alpha and beta
+        _rows_affine(xf, yf, 0, C, C, 0, A, alpha, beta)
+        return
     aw = _expand(alpha, CB, B, W)
     bw = _expand(beta, CB, B, W)
     _rows_affine(xf, yf, 0, W, W, 0, R, aw, bw)
     _rows_affine(xf, yf, R * W, CB, CB, 0, A - R * k, aw, bw)
-    return y, mean_out, var_out, inv_out
+
+
+@njit(**_OPTS)
+def _ft_serial_update(x, w, b, eps, y, mean_out, var_out, inv_out, rm, rv, momentum):
+    """:func:`_ft_serial`, then the running-statistics update (one call from Python)."""
+    _ft_serial(x, w, b, eps, y, mean_out, var_out, inv_out)
+    A, _, B = x.shape
+    update_running_stats(rm, rv, mean_out, var_out, momentum, A * B)
 
 
 @njit(parallel=True, **_OPTS)
@@ -1027,16 +1037,14 @@ def _bw_rows_finish(
 
 
 @njit(**_OPTS)
-def _bw_serial(dy, x, mean, invstd, w):
+def _bw_serial(dy, x, mean, invstd, w, dx, dw_out, db_out):
+    """Serial backward into preallocated outputs."""
     A, C, B = x.shape
     M = np.float64(A * B)
     Mi = A * B
     dyf = dy.reshape(dy.size)
     xf = x.reshape(x.size)
-    dx = np.empty_like(x)
     dxf = dx.reshape(dx.size)
-    dw_out = np.empty(C, w.dtype)
-    db_out = np.empty(C, w.dtype)
     if B >= _RUN:
         for c in range(C):
             mu = np.float64(mean[c])
@@ -1046,7 +1054,7 @@ def _bw_serial(dy, x, mean, invstd, w):
             dw_out[c] = dwc
             db_out[c] = sdy
             _cf_bapply(dyf, xf, dxf, C, B, c, 0, Mi, g, c2, c3)
-        return dx, dw_out, db_out
+        return
     CB = C * B
     k = _wide_k(CB)
     W = k * CB
@@ -1067,13 +1075,12 @@ def _bw_serial(dy, x, mean, invstd, w):
     )
     if B >= _SHORT:
         _runs_bapply(dyf, xf, dxf, C, B, 0, A, 0, C, g, c2, c3)
-        return dx, dw_out, db_out
+        return
     gw = _expand(g, CB, B, W)
     c2w = _expand(c2, CB, B, W)
     c3w = _expand(c3, CB, B, W)
     _rows_bapply(dyf, xf, dxf, 0, W, W, 0, R, gw, c2w, c3w)
     _rows_bapply(dyf, xf, dxf, R * W, CB, CB, 0, Rt, gw, c2w, c3w)
-    return dx, dw_out, db_out
 
 
 @njit(parallel=True, **_OPTS)
@@ -1252,6 +1259,11 @@ def available():
     return True, ""
 
 
+def _outputs(x3, sd):
+    c = x3.shape[1]
+    return np.empty(x3.shape, x3.dtype), np.empty(c, sd), np.empty(c, sd), np.empty(c, sd)
+
+
 def forward_train(x3, weight, bias, eps):
     """Training-mode forward: batch statistics and normalized output.
 
@@ -1276,10 +1288,45 @@ def forward_train(x3, weight, bias, eps):
         y, m, v, i = forward_train(x3.astype(_F32), weight, bias, eps)
         return y.astype(_F16), m, v, i
     if x3.size <= SERIAL_MAX:
-        return _ft_serial(x3, weight, bias, eps)
+        y, mean, var, invstd = _outputs(x3, weight.dtype)
+        _ft_serial(x3, weight, bias, eps, y, mean, var, invstd)
+        return y, mean, var, invstd
     return _ft_parallel(
         x3, weight, bias, eps, _nthreads(), _buffers.empty(x3.shape, x3.dtype)
     )
+
+
+def forward_train_update(x3, weight, bias, eps, running_mean, running_var, momentum):
+    """:func:`forward_train`, then :func:`update_running_stats` (optional contract function).
+
+    Small tensors run both in one compiled call.
+
+    Parameters
+    ----------
+    x3, weight, bias, eps
+        As for :func:`forward_train`.
+    running_mean, running_var : numpy.ndarray
+        Length-``C`` running statistics (any floating dtype, any stride), updated in place
+        after the statistics are computed.
+    momentum : float
+        Weight of the batch statistics.
+
+    Returns
+    -------
+    tuple
+        ``(y3, mean, var, invstd)`` as :func:`forward_train` returns them.
+    """
+    if x3.size <= SERIAL_MAX and x3.dtype.char != "e":
+        y, mean, var, invstd = _outputs(x3, weight.dtype)
+        _ft_serial_update(
+            x3, weight, bias, eps, y, mean, var, invstd, running_mean, running_var, momentum
+        )
+        return y, mean, var, invstd
+    out = forward_train(x3, weight, bias, eps)
+    update_running_stats(
+        running_mean, running_var, out[1], out[2], momentum, x3.shape[0] * x3.shape[2]
+    )
+    return out
 
 
 def forward_eval(x3, mean, var, weight, bias, eps):
@@ -1335,7 +1382,9 @@ def backward(dy3, x3, mean, invstd, weight):
         dx, dw, db = backward(dy3.astype(_F32), x3.astype(_F32), mean, invstd, weight)
         return dx.astype(_F16), dw, db
     if x3.size <= SERIAL_MAX:
-        return _bw_serial(dy3, x3, mean, invstd, weight)
+        dx, dw, db, _ = _outputs(x3, weight.dtype)
+        _bw_serial(dy3, x3, mean, invstd, weight, dx, dw, db)
+        return dx, dw, db
     return _bw_parallel(
         dy3, x3, mean, invstd, weight, _nthreads(), _buffers.empty(x3.shape, x3.dtype)
     )
