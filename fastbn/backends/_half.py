@@ -78,7 +78,7 @@ from numba import njit, types
 from numba.core import errors
 from numba.extending import intrinsic, overload
 
-__all__ = ["f2h", "h2f", "ld", "native", "st", "supported"]
+__all__ = ["cf", "f2h", "h2f", "ld", "native", "st", "supported"]
 
 _I16 = ir.IntType(16)
 _I32 = ir.IntType(32)
@@ -351,6 +351,38 @@ def st(v, like):
         once to float16; other numbers are converted to float64 first).
     """
     raise NotImplementedError("st is only usable inside Numba-compiled code")
+
+
+def cf(v, like):
+    """A coefficient in the arithmetic precision used for an output array (``@njit`` only).
+
+    Parameters
+    ----------
+    v : float
+        A coefficient (for example a per-channel scale computed in float64).
+    like : array
+        The destination array.
+
+    Returns
+    -------
+    float
+        ``float32(v)`` for float16 data (``uint16`` arrays): float16 outputs are computed
+        in float32, whose rounding error (``2**-24``) is 8192 times smaller than
+        float16's, so the result rounds the same almost always and at worst differs by
+        one float16 ulp; float64 arithmetic would cost a widening and a narrowing per
+        value. `v` itself for float arrays.
+    """
+    raise NotImplementedError("cf is only usable inside Numba-compiled code")
+
+
+@overload(cf)
+def _cf_impl(v, like):
+    dt = like.dtype if isinstance(like, types.Array) else None
+    if dt is None:
+        raise errors.TypingError(f"cf expects the destination array as 'like', got {like}")
+    if dt == types.uint16:
+        return lambda v, like: np.float32(v)
+    return lambda v, like: v
 
 
 @overload(ld)

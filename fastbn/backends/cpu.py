@@ -70,7 +70,9 @@ import numpy as np
 from numba import njit, prange
 
 from .. import _buffers
+from . import _half
 from . import stats_dtype  # the shared rule: float16 -> float32 statistics
+from ._half import cf, ld, st
 
 # Read at every parallel call (not cached), so numba.set_num_threads is respected; the
 # kernels take it as an argument because reading it inside compiled code prevents caching.
@@ -94,7 +96,7 @@ __all__ = [
 name = "cpu"
 #: Array namespace of the arrays this backend takes and returns.
 xp = np
-#: Input dtypes supported (float16 is computed in float32 and cast back).
+#: Input dtypes supported (float16 is read and written as float16, statistics in float64).
 dtypes = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 #: Tensors with at most this many values use the serial kernels.
@@ -102,6 +104,7 @@ SERIAL_MAX = 1 << 16
 
 _F16 = np.dtype(np.float16)
 _F32 = np.dtype(np.float32)
+_U16 = np.dtype(np.uint16)  # float16 data as seen by the kernels
 
 # Values per block of the blocked two-pass statistics: 4096 float64-converted values
 # stay in L1/L2 between the two passes over the block.
@@ -189,7 +192,7 @@ def _finish(mean64, m2, n, w, b, eps, mean_out, var_out, invstd_out, alpha, beta
 def _sum(xf, i0, i1):
     s = 0.0
     for i in range(np.uint64(i0), np.uint64(i1)):
-        s += xf[i]
+        s += ld(xf[i])
     return s
 
 
@@ -197,7 +200,7 @@ def _sum(xf, i0, i1):
 def _sqdev(xf, i0, i1, mu):
     q = 0.0
     for i in range(np.uint64(i0), np.uint64(i1)):
-        d = xf[i] - mu
+        d = ld(xf[i]) - mu
         q += d * d
     return q
 
@@ -207,22 +210,27 @@ def _bsums(dyf, xf, i0, i1, mu):
     s = 0.0
     t = 0.0
     for i in range(np.uint64(i0), np.uint64(i1)):
-        g = np.float64(dyf[i])
+        g = np.float64(ld(dyf[i]))
         s += g
-        t += g * (xf[i] - mu)
+        t += g * (ld(xf[i]) - mu)
     return s, t
 
 
 @njit(fastmath=_EW, **_OPTS)
 def _affine(xf, yf, i0, i1, alpha, beta):
+    a = cf(alpha, yf)
+    b = cf(beta, yf)
     for i in range(np.uint64(i0), np.uint64(i1)):
-        yf[i] = xf[i] * alpha + beta
+        yf[i] = st(ld(xf[i]) * a + b, yf)
 
 
 @njit(fastmath=_EW, **_OPTS)
 def _bapply(dyf, xf, dxf, i0, i1, g, c2, c3):
+    gg = cf(g, dxf)
+    d2 = cf(c2, dxf)
+    d3 = cf(c3, dxf)
     for i in range(np.uint64(i0), np.uint64(i1)):
-        dxf[i] = dyf[i] * g + (xf[i] * c2 + c3)
+        dxf[i] = st(ld(dyf[i]) * gg + (ld(xf[i]) * d2 + d3), dxf)
 
 
 # --------------------------------------------------------------------------------------
@@ -355,7 +363,7 @@ def _acc_row(xf, o, s, n):
     """s[:n] += xf[o:o + n]"""
     u = np.uint64(o)
     for j in range(np.uint64(n)):
-        s[j] += xf[u + j]
+        s[j] += ld(xf[u + j])
 
 
 @njit(fastmath=_EW, **_OPTS)
@@ -366,8 +374,8 @@ def _acc_rows4(xf, o, st, s, n):
     u2 = np.uint64(o + 2 * st)
     u3 = np.uint64(o + 3 * st)
     for j in range(np.uint64(n)):
-        s[j] += (np.float64(xf[u0 + j]) + np.float64(xf[u1 + j])) + (
-            np.float64(xf[u2 + j]) + np.float64(xf[u3 + j])
+        s[j] += (np.float64(ld(xf[u0 + j])) + np.float64(ld(xf[u1 + j]))) + (
+            np.float64(ld(xf[u2 + j])) + np.float64(ld(xf[u3 + j]))
         )
 
 
@@ -376,7 +384,7 @@ def _sqdev_row(xf, o, bm, q, n):
     """q[:n] += (xf[o:o + n] - bm[:n]) ** 2"""
     u = np.uint64(o)
     for j in range(np.uint64(n)):
-        d = xf[u + j] - bm[j]
+        d = ld(xf[u + j]) - bm[j]
         q[j] += d * d
 
 
@@ -388,10 +396,10 @@ def _sqdev_rows4(xf, o, st, bm, q, n):
     u3 = np.uint64(o + 3 * st)
     for j in range(np.uint64(n)):
         m = bm[j]
-        d0 = xf[u0 + j] - m
-        d1 = xf[u1 + j] - m
-        d2 = xf[u2 + j] - m
-        d3 = xf[u3 + j] - m
+        d0 = ld(xf[u0 + j]) - m
+        d1 = ld(xf[u1 + j]) - m
+        d2 = ld(xf[u2 + j]) - m
+        d3 = ld(xf[u3 + j]) - m
         q[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
 
 
@@ -461,7 +469,7 @@ def _affine_row(xf, yf, o, aw, bw, j0, n):
     u = np.uint64(o)
     v = np.uint64(j0)
     for j in range(np.uint64(n)):
-        yf[u + j] = xf[u + j] * aw[v + j] + bw[v + j]
+        yf[u + j] = st(ld(xf[u + j]) * cf(aw[v + j], yf) + cf(bw[v + j], yf), yf)
 
 
 @njit(**_OPTS)
@@ -483,9 +491,9 @@ def _bsums_row(dyf, xf, o, mw, so, to, j0, n):
     u = np.uint64(o)
     v = np.uint64(j0)
     for j in range(np.uint64(n)):
-        g = np.float64(dyf[u + j])
+        g = np.float64(ld(dyf[u + j]))
         so[v + j] += g
-        to[v + j] += g * (xf[u + j] - mw[v + j])
+        to[v + j] += g * (ld(xf[u + j]) - mw[v + j])
 
 
 @njit(fastmath=_EW, **_OPTS)
@@ -497,13 +505,13 @@ def _bsums_rows4(dyf, xf, o, st, mw, so, to, j0, n):
     v = np.uint64(j0)
     for j in range(np.uint64(n)):
         m = mw[v + j]
-        g0 = np.float64(dyf[u0 + j])
-        g1 = np.float64(dyf[u1 + j])
-        g2 = np.float64(dyf[u2 + j])
-        g3 = np.float64(dyf[u3 + j])
+        g0 = np.float64(ld(dyf[u0 + j]))
+        g1 = np.float64(ld(dyf[u1 + j]))
+        g2 = np.float64(ld(dyf[u2 + j]))
+        g3 = np.float64(ld(dyf[u3 + j]))
         so[v + j] += (g0 + g1) + (g2 + g3)
-        to[v + j] += (g0 * (xf[u0 + j] - m) + g1 * (xf[u1 + j] - m)) + (
-            g2 * (xf[u2 + j] - m) + g3 * (xf[u3 + j] - m)
+        to[v + j] += (g0 * (ld(xf[u0 + j]) - m) + g1 * (ld(xf[u1 + j]) - m)) + (
+            g2 * (ld(xf[u2 + j]) - m) + g3 * (ld(xf[u3 + j]) - m)
         )
 
 
@@ -531,7 +539,11 @@ def _bapply_row(dyf, xf, dxf, o, gw, c2w, c3w, j0, n):
     u = np.uint64(o)
     v = np.uint64(j0)
     for j in range(np.uint64(n)):
-        dxf[u + j] = dyf[u + j] * gw[v + j] + (xf[u + j] * c2w[v + j] + c3w[v + j])
+        dxf[u + j] = st(
+            ld(dyf[u + j]) * cf(gw[v + j], dxf)
+            + (ld(xf[u + j]) * cf(c2w[v + j], dxf) + cf(c3w[v + j], dxf)),
+            dxf,
+        )
 
 
 @njit(**_OPTS)
@@ -1259,6 +1271,17 @@ def available():
     return True, ""
 
 
+_half_state = []
+
+
+def _half_native():
+    """Whether the kernels read and write float16 themselves (as ``uint16`` bits, see
+    :mod:`fastbn.backends._half`); else float16 is converted around float32 kernels."""
+    if not _half_state:
+        _half_state.append(_half.supported()[0])
+    return _half_state[0]
+
+
 def _outputs(x3, sd):
     c = x3.shape[1]
     return np.empty(x3.shape, x3.dtype), np.empty(c, sd), np.empty(c, sd), np.empty(c, sd)
@@ -1285,8 +1308,11 @@ def forward_train(x3, weight, bias, eps):
         ``var + eps == 0``), in ``stats_dtype(x3.dtype)``.
     """
     if x3.dtype.char == "e":
-        y, m, v, i = forward_train(x3.astype(_F32), weight, bias, eps)
-        return y.astype(_F16), m, v, i
+        if not _half_native():
+            y, m, v, i = forward_train(x3.astype(_F32), weight, bias, eps)
+            return y.astype(_F16), m, v, i
+        y, m, v, i = forward_train(x3.view(_U16), weight, bias, eps)
+        return y.view(_F16), m, v, i
     if x3.size <= SERIAL_MAX:
         y, mean, var, invstd = _outputs(x3, weight.dtype)
         _ft_serial(x3, weight, bias, eps, y, mean, var, invstd)
@@ -1349,7 +1375,9 @@ def forward_eval(x3, mean, var, weight, bias, eps):
         ``(x3 - mean) / sqrt(var + eps) * weight + bias`` in ``x3.dtype``.
     """
     if x3.dtype.char == "e":
-        return forward_eval(x3.astype(_F32), mean, var, weight, bias, eps).astype(_F16)
+        if not _half_native():
+            return forward_eval(x3.astype(_F32), mean, var, weight, bias, eps).astype(_F16)
+        return forward_eval(x3.view(_U16), mean, var, weight, bias, eps).view(_F16)
     if x3.size <= SERIAL_MAX:
         return _fe_serial(x3, mean, var, weight, bias, eps)
     return _fe_parallel(
@@ -1379,8 +1407,11 @@ def backward(dy3, x3, mean, invstd, weight):
         ``sum(dy * xhat)`` and ``sum(dy)`` per channel, in ``stats_dtype(x3.dtype)``.
     """
     if x3.dtype.char == "e":
-        dx, dw, db = backward(dy3.astype(_F32), x3.astype(_F32), mean, invstd, weight)
-        return dx.astype(_F16), dw, db
+        if not _half_native():
+            dx, dw, db = backward(dy3.astype(_F32), x3.astype(_F32), mean, invstd, weight)
+            return dx.astype(_F16), dw, db
+        dx, dw, db = backward(dy3.view(_U16), x3.view(_U16), mean, invstd, weight)
+        return dx.view(_F16), dw, db
     if x3.size <= SERIAL_MAX:
         dx, dw, db, _ = _outputs(x3, weight.dtype)
         _bw_serial(dy3, x3, mean, invstd, weight, dx, dw, db)
