@@ -234,7 +234,7 @@ SHAPES_CF = [
     (64, 4, 257),  # parallel: fused channel groups
     (1, 2, 40000),  # parallel per-run, whole channels
     (7, 300, 33),  # parallel: fused channel groups of 31 channels
-    (300, 40, 7),  # parallel: row ranges (a group would not fit the cache budget)
+    (300, 40, 7),  # parallel: row ranges (groups of rows >= 256 values: too few for 2T)
     (2003, 3, 11),  # parallel: row ranges of wide rows (k = 16) plus 3 tail rows
     (1000, 2, 40),  # parallel: row ranges, elementwise run by run
     (3001, 1, 40),  # parallel: runs of 40 but wide rows (k = 2) with a tail row
