@@ -431,9 +431,10 @@ def _four(xf, stride):
     float32 column sums over 32 MiB): four rows are 1.3x faster than one for rows of
     256 bytes, 1.6-1.8x slower for rows of 512 bytes to 2 KiB (stores to the accumulators
     falsely alias loads 4 KiB apart, which four rows spanning 2-8 KiB hit on every
-    iteration), and even from 4 KiB up."""
+    iteration), and even from 4 KiB up. Small (serial, cache-resident) tensors: four rows
+    (measured 1.15x faster on (256, 128))."""
     sb = stride * xf.itemsize
-    return sb <= _FOUR_LO or sb >= _FOUR_HI
+    return sb <= _FOUR_LO or sb >= _FOUR_HI or xf.size <= SERIAL_MAX
 
 
 @njit(**_OPTS)
