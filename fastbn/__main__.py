@@ -172,6 +172,7 @@ def cmd_warmup(args) -> int:
                 y, mean, invstd = fastbn.batch_norm_forward(
                     x, w, b, eps=_EPS, axis=axis, running_mean=rm, running_var=rv, backend="cpu"
                 )
+                fastbn.batch_norm_forward(x, w, b, eps=_EPS, axis=axis, backend="cpu")
                 fastbn.batch_norm(x, rm, rv, w, b, training=False, eps=_EPS, axis=axis, backend="cpu")
                 fastbn.batch_norm_backward(y, x, mean, invstd, w, axis=axis, backend="cpu")
     for wrn in caught:
