@@ -26,6 +26,7 @@ __all__ = ["batch_norm", "batch_norm_forward", "batch_norm_backward"]
 
 # --------------------------------------------------------------------------- dispatch
 _default_backend = {}
+_numpy_backends: dict = {}  # backend= names already resolved for NumPy input
 
 
 def _select_backend(library: str, backend):
@@ -40,6 +41,8 @@ def _select_backend(library: str, backend):
     be_lib = be.xp.__name__.partition(".")[0]
     if be_lib != library:
         raise TypeError(f"backend {backend!r} runs on {be_lib} arrays, but x is a {library} array")
+    if library == "numpy" and type(backend) is str:
+        _numpy_backends[backend] = be  # known good for NumPy input: the fast path may use it
     return be
 
 
@@ -168,9 +171,12 @@ def _wrap(wrap, *arrays):
 
 def _fast_x(x, axis, backend):
     """``(backend, x3)`` for a C-contiguous, non-empty NumPy `x`, else None."""
-    if type(x) is not np.ndarray or backend is not None or type(axis) is not int:
+    if type(x) is not np.ndarray or type(axis) is not int:
         return None
-    be = _default_backend.get("numpy")
+    if backend is None:
+        be = _default_backend.get("numpy")
+    else:
+        be = _numpy_backends.get(backend) if type(backend) is str else None
     nd = x.ndim
     if be is None or nd < 2 or not -nd <= axis < nd or not x.flags.c_contiguous:
         return None
@@ -456,6 +462,18 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *, axis=1, b
     >>> bool(np.abs(dx).max() < 1e-5)       # a constant upstream gradient is absorbed
     True
     """
+    fast = _fast_x(x, axis, backend)
+    if (fast is not None and type(dy) is np.ndarray and dy.shape == x.shape
+            and dy.dtype == x.dtype and dy.flags.c_contiguous
+            and save_mean is not None and save_invstd is not None):
+        be, x3 = fast
+        c = x3.shape[1]
+        if _fast_param(save_mean, c) and _fast_param(save_invstd, c) and _fast_param(weight, c):
+            sd = _stats_dtype(be, x.dtype)
+            dx3, dweight, dbias = be.backward(
+                dy.reshape(x3.shape), x3, _param(save_mean, 0.0, c, be, sd),
+                _param(save_invstd, 1.0, c, be, sd), _param(weight, 1.0, c, be, sd))
+            return dx3.reshape(x.shape), dweight, dbias
     arr, lib, wrap, be, ax = _prepare(x, axis, backend)
     c = arr.shape[ax]
     d, mean, invstd, w = v.check_backward_args(dy, arr, lib, c, save_mean, save_invstd, weight)

@@ -428,11 +428,11 @@ def _merge_cols(mo, qo, j0, s, q, n, f, h):
 def _four(xf, stride):
     """Whether reductions over rows `stride` values apart go four rows at a time (one load
     and store of the per-column accumulators per four rows) or one. Measured (Zen 4,
-    float32 column sums over 32 MiB): four rows are 1.3x faster than one for rows of
-    256 bytes, 1.6-1.8x slower for rows of 512 bytes to 2 KiB (stores to the accumulators
-    falsely alias loads 4 KiB apart, which four rows spanning 2-8 KiB hit on every
-    iteration), and even from 4 KiB up. Small (serial, cache-resident) tensors: four rows
-    (measured 1.15x faster on (256, 128))."""
+    float32 column sums over 32 MiB, one thread): four rows are 1.6x faster than one for
+    rows of 256 bytes, 1.3-1.6x slower for rows of 512 bytes to 2 KiB (stores to the
+    accumulators falsely alias loads a multiple of 4 KiB apart, which four rows spanning
+    2-8 KiB hit all the time), and about even from 4 KiB up. Small (serial,
+    cache-resident) tensors: four rows (measured 1.15x faster on (256, 128))."""
     sb = stride * xf.itemsize
     return sb <= _FOUR_LO or sb >= _FOUR_HI or xf.size <= SERIAL_MAX
 
