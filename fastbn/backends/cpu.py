@@ -111,10 +111,12 @@ _U16 = np.dtype(np.uint16)  # float16 data as seen by the kernels
 _BLOCK = 4096
 # Rows of fewer than _WIDE values are regrouped into wide rows of >= _WIDE values.
 _WIDE = 64
-# Row tiles: chunks of _COLS columns, blocks of _TILE values (32 rows of 512 values),
-# whose two statistics passes and per-column accumulators stay in L1/L2.
-_COLS = 512
-_TILE = 1 << 14
+# Row tiles: chunks of _COLS columns, blocks of _TILE values (16 rows of 2048 values),
+# whose two statistics passes and per-column accumulators stay in L1/L2. Measured
+# (float32, time / memcpy): chunks of 2048 instead of 512 columns took the backward of
+# (6272, 2048) from 2.34 to 2.16 and of (64, 65536) from 2.21 to 2.09.
+_COLS = 2048
+_TILE = 1 << 15
 # Channels-first runs of at least _RUN values use the per-run kernels (register
 # reductions); shorter runs are handled as row tiles.
 _RUN = 512
@@ -137,8 +139,10 @@ _ROW_EW = 2048
 # scalars (measured as fast as a copy for runs of 49); shorter runs use row tiles.
 _SHORT = 32
 # Forward-eval over rows of at least _SPLIT_COLS values splits the columns between
-# threads (so each thread's per-column coefficients stay in L1), not the rows.
-_SPLIT_COLS = 2048
+# threads (so each thread's per-column coefficients stay in L2), not the rows. Shorter
+# rows are split by rows: reading 2 KiB pieces of 8 KiB rows made (6272, 2048) take 1.39
+# memcpys instead of 0.93.
+_SPLIT_COLS = 16384
 # Minimum number of values per parallel work item (smaller items cost more to schedule
 # than they save).
 _MIN_ITEM = 1 << 14
@@ -456,7 +460,6 @@ def _rows_stats(xf, base, stride, wd, r0, r1, mo, qo):
     for b0 in range(r0, r1, rb):
         b1 = min(b0 + rb, r1)
         nb = np.float64(b1 - b0)
-        inb = 1.0 / nb
         f = nb / (n + nb)
         h = n * f
         for j0 in range(0, wd, cwm):
@@ -472,7 +475,7 @@ def _rows_stats(xf, base, stride, wd, r0, r1, mo, qo):
                 _acc_row(xf, base + r * stride + j0, s, cw)
                 r += 1
             for j in range(cw):
-                s[j] *= inb
+                s[j] /= nb  # a division: the mean of a constant column is exact
             r = b0
             while four and r + 4 <= b1:
                 _sqdev_rows4(xf, base + r * stride + j0, stride, s, q, cw)
@@ -795,9 +798,8 @@ def _serial_stats(xf, A, C, B, mean64, m2):
     if W == C:  # plain rows of channels: columns are channels
         mean64[:] = 0.0
         _rows_sum(xf, 0, C, C, 0, A, mean64)
-        inm = 1.0 / M
         for c in range(C):
-            mean64[c] *= inm
+            mean64[c] /= M
         m2[:] = 0.0
         _rows_sqdev(xf, 0, C, C, 0, A, mean64, m2)
         return

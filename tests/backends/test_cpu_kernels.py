@@ -257,9 +257,11 @@ SHAPES_CL = [
     (1100, 60, 1),  # parallel, row ranges, k = 4
     (20003, 5, 1),  # parallel, k = 16, 3 tail rows
     (2, 40000, 1),  # parallel, fused column groups; eval splits columns
-    (600, 256, 1),  # parallel, row ranges, k = 1
+    (600, 256, 1),  # parallel, row ranges, k = 1, one row at a time (1-2 KiB rows)
     (300, 255, 1),  # parallel, row ranges of odd width
-    (300, 2100, 1),  # parallel, row ranges; forward-eval splits the columns
+    (300, 2100, 1),  # parallel, row ranges of whole rows (8 KiB float32: four at a time)
+    (9, 17000, 1),  # parallel; forward-eval splits the columns (rows of >= 16384 values)
+    (2000, 64, 1),  # parallel, row ranges of 256-byte float32 rows: four rows at a time
 ]
 
 
