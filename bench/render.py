@@ -320,6 +320,10 @@ memory-bandwidth floor (a memcpy of the same tensor measured in the same run).
 - The memcpy is `np.copyto` into a preallocated array: one thread. A kernel that uses
   both cores can therefore come close to it, or beat it, on a machine where one core
   cannot saturate memory bandwidth.
+- Every implementation returns new arrays, as its users get them. fastbn's large outputs
+  come from its buffer cache (the default; `FASTBN_CACHE_BYTES=0` turns it off, and then
+  every call pays the page faults of a fresh array); PyTorch, JAX and NumPy allocate
+  with their own allocators.
 - Effective bandwidth = ideal bytes / time, with `s` bytes per element: forward-training
   2s (read x, write y), forward-eval 2s, backward 3s (read x and dy, write dx),
   forward+backward 5s. A memcpy moves 2s, so "time / memcpy" of 1.0 for a forward pass
