@@ -215,7 +215,7 @@ def check_running_stats(running_mean, running_var, num_features, library, like, 
 
 def _shares_memory(a, b) -> bool:
     if isinstance(a, np.ndarray):
-        if a.base is None and b.base is None:  # two owners of memory never overlap
+        if a.flags.owndata and b.flags.owndata:  # two owners of memory never overlap
             return a is b
         return np.shares_memory(a, b)
     return a.data.ptr == b.data.ptr

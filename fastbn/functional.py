@@ -199,10 +199,12 @@ def _fast_running(rm, rv, c, training) -> bool:
     training) that own their memory (so cannot overlap); or both are None."""
     if rm is None:
         return rv is None
-    return (type(rm) is np.ndarray and type(rv) is np.ndarray and rm.shape == (c,)
-            and rv.shape == (c,) and rm.dtype in v.FLOAT_DTYPES and rv.dtype in v.FLOAT_DTYPES
-            and rm.base is None and rv.base is None and rm is not rv
-            and (not training or (rm.flags.writeable and rv.flags.writeable)))
+    if not (type(rm) is np.ndarray and type(rv) is np.ndarray and rm is not rv
+            and rm.shape == (c,) and rv.shape == (c,) and rm.dtype in v.FLOAT_DTYPES
+            and rv.dtype in v.FLOAT_DTYPES):
+        return False
+    f, g = rm.flags, rv.flags
+    return f.owndata and g.owndata and (not training or (f.writeable and g.writeable))
 
 
 def _fast_scalars(eps, momentum) -> bool:

@@ -133,3 +133,12 @@ def test_same_array_as_both_running_stats_rejected():
     x, w, b, rm, _ = _args((64, 128), 1, np.float32)
     with pytest.raises(ValueError, match="must not share memory"):
         fastbn.batch_norm(x, rm, rm, w, b, training=True)
+
+
+def test_overlapping_running_stats_views_rejected():
+    x, w, b, _, _ = _args((64, 10), 1, np.float32)
+    buf = np.zeros(20, np.float32)
+    before = buf.copy()
+    with pytest.raises(ValueError, match="must not share memory"):
+        fastbn.batch_norm(x, buf[:10], buf[5:15], w, b, training=True)
+    np.testing.assert_array_equal(buf, before)
