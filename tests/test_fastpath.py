@@ -11,6 +11,7 @@ import pytest
 import fastbn
 from fastbn import functional as F
 
+
 class _Sub(np.ndarray):
     """An ndarray subclass: accepted by the API, but not by the fast path."""
 

@@ -70,8 +70,10 @@ import numpy as np
 from numba import njit, prange
 
 from .. import _buffers
-from . import _half
-from . import stats_dtype  # the shared rule: float16 -> float32 statistics
+from . import (
+    _half,
+    stats_dtype,  # the shared rule: float16 -> float32 statistics
+)
 from ._half import cf, ld, st
 
 # Read at every parallel call (not cached), so numba.set_num_threads is respected; the
