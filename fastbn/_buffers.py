@@ -114,13 +114,7 @@ def empty(shape, dtype):
                 _state["hits"] += 1
                 return buf.view(dtype).reshape(shape)
         _state["misses"] += 1
-        total = sum(b.nbytes for b in bufs)
-        i = 0
-        while total + nbytes > limit and i < len(bufs):
-            if sys.getrefcount(bufs[i]) == _FREE:
-                total -= bufs.pop(i).nbytes
-            else:
-                i += 1
+        total = _evict_to(limit - nbytes)
         if total + nbytes > limit:
             return np.empty(shape, dtype)
         buf = np.empty(nbytes, np.uint8)
@@ -140,10 +134,8 @@ def empty_cache():
         Number of bytes released.
     """
     with _lock:
-        keep = [b for b in _bufs if sys.getrefcount(b) > _FREE + 1]  # +1: the loop's b
-        released = sum(b.nbytes for b in _bufs) - sum(b.nbytes for b in keep)
-        _bufs[:] = keep
-    return released
+        before = sum(b.nbytes for b in _bufs)
+        return before - _evict_to(0)
 
 
 def set_cache_limit(nbytes):
@@ -177,20 +169,22 @@ def set_cache_limit(nbytes):
     with _lock:
         old = _state["limit"]
         _state["limit"] = int(nbytes)
-    if nbytes < old:
-        _shrink(int(nbytes))
+        _evict_to(int(nbytes))
     return old
 
 
-def _shrink(limit):
-    with _lock:
-        total = sum(b.nbytes for b in _bufs)
-        i = 0
-        while total > limit and i < len(_bufs):
-            if sys.getrefcount(_bufs[i]) == _FREE:
-                total -= _bufs.pop(i).nbytes
-            else:
-                i += 1
+def _evict_to(budget):
+    """Drop free buffers, least recently used first, until the cache holds at most
+    `budget` bytes or only buffers in use; return the bytes it holds. Call with the lock
+    held."""
+    total = sum(b.nbytes for b in _bufs)
+    i = 0
+    while total > budget and i < len(_bufs):
+        if sys.getrefcount(_bufs[i]) == _FREE:
+            total -= _bufs.pop(i).nbytes
+        else:
+            i += 1
+    return total
 
 
 def cache_info():
