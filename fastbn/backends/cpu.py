@@ -116,7 +116,9 @@ _WIDE = 64
 # Row tiles: chunks of _COLS columns, blocks of _TILE values (16 rows of 2048 values),
 # whose two statistics passes and per-column accumulators stay in L1/L2. Measured
 # (float32, time / memcpy): chunks of 2048 instead of 512 columns took the backward of
-# (6272, 2048) from 2.34 to 2.16 and of (64, 65536) from 2.21 to 2.09.
+# (6272, 2048) from 2.34 to 2.16 and of (64, 65536) from 2.21 to 2.09. Elementwise passes
+# over rows of up to 2048 values therefore go row after row (one chunk): cutting rows into
+# 512-column chunks slowed the normalization of (4096, 1024) from 0.97 to 1.8 ms.
 _COLS = 2048
 _TILE = 1 << 15
 # Channels-first runs of at least _RUN values use the per-run kernels (register
@@ -133,10 +135,6 @@ _FUSE = 1 << 18
 # (see _four), else one.
 _FOUR_LO = 256
 _FOUR_HI = 4096
-# Elementwise passes over rows of at most _ROW_EW values go row after row: their
-# per-column coefficients stay in L1/L2 anyway, and cutting rows into column chunks
-# slowed (4096, 1024) float32 from 0.97 ms to 1.8 ms (one thread).
-_ROW_EW = 2048
 # Elementwise passes over runs of at least _SHORT values go run by run with per-channel
 # scalars (measured as fast as a copy for runs of 49); shorter runs use row tiles.
 _SHORT = 32
@@ -505,10 +503,6 @@ def _affine_row(xf, yf, o, aw, bw, j0, n):
 @njit(**_OPTS)
 def _rows_affine(xf, yf, base, stride, wd, r0, r1, aw, bw):
     """y = x * aw[J] + bw[J] over rows [r0, r1) of the view."""
-    if wd <= _ROW_EW:
-        for r in range(r0, r1):
-            _affine_row(xf, yf, base + r * stride, aw, bw, 0, wd)
-        return
     cwm, rb = _tile(wd)
     for b0 in range(r0, r1, rb):
         b1 = min(b0 + rb, r1)
@@ -583,10 +577,6 @@ def _bapply_row(dyf, xf, dxf, o, gw, c2w, c3w, j0, n):
 
 @njit(**_OPTS)
 def _rows_bapply(dyf, xf, dxf, base, stride, wd, r0, r1, gw, c2w, c3w):
-    if wd <= _ROW_EW:
-        for r in range(r0, r1):
-            _bapply_row(dyf, xf, dxf, base + r * stride, gw, c2w, c3w, 0, wd)
-        return
     cwm, rb = _tile(wd)
     for b0 in range(r0, r1, rb):
         b1 = min(b0 + rb, r1)
