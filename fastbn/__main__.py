@@ -85,24 +85,44 @@ def _cache_dir() -> str:
 
 
 # --------------------------------------------------------------------------------- info
-def _threading_layer() -> str:
-    """The threading layer Numba uses in this process (runs a tiny parallel function)."""
+def _threading_lines() -> list[str]:
+    """What to print about the threading layer (starts Numba's pool if needed)."""
     import numba
 
+    from . import _threading
+    from .backends import cpu  # noqa: F401 - configures the threading layer on import
+
     try:
-        return numba.threading_layer()
-    except ValueError:  # no parallel function has run yet: run one, then ask again
-        pass
+        layer = _threading.start()
+    except Exception as exc:  # noqa: BLE001 - report, do not fail
+        layer = f"unknown ({type(exc).__name__}: {exc})"
+    rep = _threading.report()
+    lines = [f"numba {numba.__version__}: {numba.get_num_threads()} threads, threading layer "
+             f"{layer!r} (setting {rep['setting']!r}"
+             + (f", selected by fastbn: {rep['selected']!r})" if rep["selected"] else ")")]
+    if rep["tbb_usable"]:
+        lines.append(f"  tbb: usable ({rep['tbb_library'] or 'found by the dynamic loader'})")
+    else:
+        lines.append(f"  tbb: not usable: {rep['tbb_reason']}")
+    safety = {"tbb": "safe for concurrent calls and after fork",
+              "workqueue": "fork-safe; fastbn runs its parallel kernels one call at a time",
+              "omp": "not fork-safe (GNU OpenMP): forked children run fastbn's serial kernels"}
+    if layer in safety:
+        lines.append(f"  {layer}: {safety[layer]}")
+    if rep["serial_only"]:
+        lines.append(f"  this process runs serial kernels only: {rep['serial_reason']}")
+    return lines
 
-    @numba.njit(parallel=True, cache=False)
-    def _probe(a):
-        s = 0.0
-        for i in numba.prange(a.shape[0]):
-            s += a[i]
-        return s
 
-    _probe(np.ones(4))
-    return numba.threading_layer()
+def _cache_lines() -> list[str]:
+    """Where the Numba cache of the CPU kernels lives and whether it can be written."""
+    path = _cache_dir()
+    probe = path
+    while probe and not os.path.isdir(probe):  # the nearest existing folder decides
+        parent = os.path.dirname(probe)
+        probe = parent if parent != probe else ""
+    writable = bool(probe) and os.access(probe, os.W_OK)
+    return [f"Numba cache of the CPU kernels: {path} ({'writable' if writable else 'NOT writable'})"]
 
 
 def cmd_info(args) -> int:
@@ -118,16 +138,8 @@ def cmd_info(args) -> int:
     print(f"usable backends: {', '.join(fastbn.backends()) or 'none'}")
     for name, state in backend_report().items():
         print(f"  {name:12s} {state}")
-    try:
-        layer = _threading_layer()
-    except Exception as exc:  # noqa: BLE001 - report, do not fail
-        layer = f"unknown ({type(exc).__name__}: {exc})"
-    print(f"numba {numba.__version__}: {numba.config.NUMBA_NUM_THREADS} threads, threading layer {layer!r}"
-          f" (setting: {numba.config.THREADING_LAYER!r})")
-    if layer != "tbb":
-        print("  note: the 'tbb' layer (pip package 'tbb') is safe for calls from several threads "
-              "and after fork; 'workqueue' aborts on concurrent calls, 'omp' is not fork-safe.")
-    print(f"Numba cache of the CPU kernels: {_cache_dir()}")
+    for line in _threading_lines() + _cache_lines():
+        print(line)
     print(f"numpy {np.__version__}, python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
     for dist in ("tbb", "cupy-cuda12x", "cupy-cuda13x", "numba-cuda", "torch", "jax", "jaxlib"):
         try:

@@ -69,12 +69,16 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .. import _buffers
+from .. import _buffers, _threading
 from . import (
     _half,
     stats_dtype,  # the shared rule: float16 -> float32 statistics
 )
 from ._half import cf, ld, st
+
+# Before any parallel kernel runs: a thread- and fork-safe threading layer (tbb loaded from
+# the installed wheel, or a fork-safe fallback); see fastbn._threading.
+_threading.configure()
 
 # Read at every parallel call (not cached), so numba.set_num_threads is respected; the
 # kernels take it as an argument because reading it inside compiled code prevents caching.
@@ -1313,8 +1317,11 @@ def _half_native():
 
 
 def _outputs(x3, sd):
+    """Outputs of the serial kernels (also used for large tensors in a forked child that
+    must not use the threading layer, see :mod:`fastbn._threading`)."""
     c = x3.shape[1]
-    return np.empty(x3.shape, x3.dtype), np.empty(c, sd), np.empty(c, sd), np.empty(c, sd)
+    y = np.empty(x3.shape, x3.dtype) if x3.size <= SERIAL_MAX else _buffers.empty(x3.shape, x3.dtype)
+    return y, np.empty(c, sd), np.empty(c, sd), np.empty(c, sd)
 
 
 def forward_train(x3, weight, bias, eps):
@@ -1343,13 +1350,16 @@ def forward_train(x3, weight, bias, eps):
             return y.astype(_F16), m, v, i
         y, m, v, i = forward_train(x3.view(_U16), weight, bias, eps)
         return y.view(_F16), m, v, i
-    if x3.size <= SERIAL_MAX:
+    if x3.size <= SERIAL_MAX or not _threading.begin():
         y, mean, var, invstd = _outputs(x3, weight.dtype)
         _ft_serial(x3, weight, bias, eps, y, mean, var, invstd)
         return y, mean, var, invstd
-    return _ft_parallel(
-        x3, weight, bias, eps, _nthreads(), _buffers.empty(x3.shape, x3.dtype)
-    )
+    try:
+        return _ft_parallel(
+            x3, weight, bias, eps, _nthreads(), _buffers.empty(x3.shape, x3.dtype)
+        )
+    finally:
+        _threading.end()
 
 
 def forward_train_update(x3, weight, bias, eps, running_mean, running_var, momentum):
@@ -1408,11 +1418,14 @@ def forward_eval(x3, mean, var, weight, bias, eps):
         if not _half_native():
             return forward_eval(x3.astype(_F32), mean, var, weight, bias, eps).astype(_F16)
         return forward_eval(x3.view(_U16), mean, var, weight, bias, eps).view(_F16)
-    if x3.size <= SERIAL_MAX:
+    if x3.size <= SERIAL_MAX or not _threading.begin():
         return _fe_serial(x3, mean, var, weight, bias, eps)
-    return _fe_parallel(
-        x3, mean, var, weight, bias, eps, _nthreads(), _buffers.empty(x3.shape, x3.dtype)
-    )
+    try:
+        return _fe_parallel(
+            x3, mean, var, weight, bias, eps, _nthreads(), _buffers.empty(x3.shape, x3.dtype)
+        )
+    finally:
+        _threading.end()
 
 
 def backward(dy3, x3, mean, invstd, weight):
@@ -1442,10 +1455,13 @@ def backward(dy3, x3, mean, invstd, weight):
             return dx.astype(_F16), dw, db
         dx, dw, db = backward(dy3.view(_U16), x3.view(_U16), mean, invstd, weight)
         return dx.view(_F16), dw, db
-    if x3.size <= SERIAL_MAX:
+    if x3.size <= SERIAL_MAX or not _threading.begin():
         dx, dw, db, _ = _outputs(x3, weight.dtype)
         _bw_serial(dy3, x3, mean, invstd, weight, dx, dw, db)
         return dx, dw, db
-    return _bw_parallel(
-        dy3, x3, mean, invstd, weight, _nthreads(), _buffers.empty(x3.shape, x3.dtype)
-    )
+    try:
+        return _bw_parallel(
+            dy3, x3, mean, invstd, weight, _nthreads(), _buffers.empty(x3.shape, x3.dtype)
+        )
+    finally:
+        _threading.end()
