@@ -72,6 +72,7 @@ from numba import njit, prange
 from .. import _buffers, _threading
 from . import (
     _half,
+    _jitcache,
     stats_dtype,  # the shared rule: float16 -> float32 statistics
 )
 from ._half import cf, ld, st
@@ -151,7 +152,13 @@ _SPLIT_COLS = 16384
 # than they save).
 _MIN_ITEM = 1 << 14
 
-_OPTS = {"cache": True, "error_model": "numpy", "nogil": True}
+def _probe():
+    """A plain function of this file: Numba caches the kernels where it would cache this."""
+
+
+# Cached on disk when Numba finds a writable place for this file's cache (else compiled in
+# every process, with one warning); see _jitcache.
+_OPTS = {"cache": _jitcache.can_cache(_probe), "error_model": "numpy", "nogil": True}
 _RED = {"reassoc", "contract"}  # reductions only
 _EW = {"contract"}  # elementwise: multiply-add fusion only
 
@@ -1465,3 +1472,7 @@ def backward(dy3, x3, mean, invstd, weight):
         )
     finally:
         _threading.end()
+
+
+# A cache entry that cannot be read is compiled again and rewritten, not an error forever.
+_jitcache.harden(globals())
