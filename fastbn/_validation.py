@@ -13,12 +13,15 @@ import numpy as np
 
 __all__ = [
     "as_array",
+    "source_library",
     "check_axis",
     "check_eps",
     "check_momentum",
     "check_x",
     "check_per_channel",
     "check_running_stats",
+    "check_like_x",
+    "check_backward_args",
     "check_training_batch",
     "canonical_perm",
 ]
@@ -37,21 +40,100 @@ def _is_cupy_array(obj) -> bool:
     return cp is not None and isinstance(obj, cp.ndarray)
 
 
+def source_library(obj) -> str:
+    """The array library `obj` comes from, for the one-library-per-call rule.
+
+    ``"numpy"`` for any ``numpy.ndarray`` (subclasses included), ``"cupy"`` for CuPy arrays,
+    ``"jax"`` for JAX arrays (whose types live in ``jaxlib``), otherwise the top-level module
+    of ``type(obj)`` (``"torch"`` for torch tensors and parameters).
+
+    Parameters
+    ----------
+    obj : object
+        An array argument.
+
+    Returns
+    -------
+    str
+        The library's name.
+    """
+    if isinstance(obj, np.ndarray):
+        return "numpy"
+    if _is_cupy_array(obj):
+        return "cupy"
+    lib = _library_of(obj)
+    return "jax" if lib == "jaxlib" else lib
+
+
+def _base_ndarray(name: str, obj):
+    """View an ndarray subclass as a plain ndarray; reject those whose meaning that would lose."""
+    ma = sys.modules.get("numpy.ma")  # never imported here: without it nothing is masked
+    if ma is not None and isinstance(obj, ma.MaskedArray):
+        raise TypeError(
+            f"{name} is a numpy.ma.MaskedArray; fastbn cannot honour its mask. Pass "
+            f"{name}.filled(value) for the values to use at masked positions (or "
+            f"np.asarray({name}) to ignore the mask)"
+        )
+    if isinstance(obj, np.matrix):
+        raise TypeError(
+            f"{name} is a numpy.matrix, whose operators and shapes differ from an array's; "
+            f"pass np.asarray({name})"
+        )
+    return obj.view(np.ndarray)
+
+
+def _dlpack_device_type(name: str, obj) -> int:
+    """The DLPack device type of `obj`, or a TypeError naming the argument."""
+    try:
+        device = obj.__dlpack_device__()
+    except Exception as exc:  # noqa: BLE001 - e.g. torch's meta device raises ValueError
+        raise TypeError(
+            f"{name} must be an array on a CPU or CUDA device; its "
+            f"{type(obj).__name__}.__dlpack_device__() raised {type(exc).__name__}: {exc}"
+        ) from None
+    if (type(device) is not tuple or len(device) != 2
+            or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in device)):
+        raise TypeError(
+            f"{name} must be an array whose __dlpack_device__() returns a (device_type, "
+            f"device_id) tuple of integers; {type(obj).__name__}.__dlpack_device__() "
+            f"returned {device!r}"
+        )
+    return int(device[0])
+
+
 def as_array(name: str, obj):
     """Return ``(array, library, wrap)`` for a user-supplied array argument.
 
     ``array`` is a ``numpy.ndarray`` or ``cupy.ndarray`` viewing the same memory (no copy);
-    ``library`` is ``"numpy"`` or ``"cupy"``; ``wrap`` converts a result array back to the
-    kind of object the caller passed (identity for NumPy and CuPy input, ``from_dlpack`` of
-    the producing library for other DLPack producers such as torch tensors).
+    ndarray subclasses are viewed as plain ndarrays. ``library`` is ``"numpy"`` or
+    ``"cupy"``, the library of `array` (see :func:`source_library` for that of `obj`);
+    ``wrap`` converts a result array back to the kind of object the caller passed (None for
+    NumPy and CuPy input, ``from_dlpack`` of the producing library for other DLPack
+    producers such as torch tensors).
+
+    Parameters
+    ----------
+    name : str
+        The argument's name, for error messages.
+    obj : object
+        The argument.
+
+    Returns
+    -------
+    array : numpy.ndarray or cupy.ndarray
+    library : str
+    wrap : callable or None
 
     Raises
     ------
     TypeError
-        If `obj` is not an array NumPy or CuPy can view without copying.
+        If `obj` is not an array NumPy or CuPy can view without copying, is a masked array
+        or a ``numpy.matrix``, or is a DLPack producer that does not follow the protocol.
     """
-    if type(obj) is np.ndarray or isinstance(obj, np.ndarray):
+    if type(obj) is np.ndarray:
         return obj, "numpy", None
+    if isinstance(obj, np.ndarray):
+        return _base_ndarray(name, obj), "numpy", None
     if _is_cupy_array(obj):
         return obj, "cupy", None
     if hasattr(obj, "__cuda_array_interface__"):
@@ -64,7 +146,7 @@ def as_array(name: str, obj):
             ) from None
         return cupy.asarray(obj), "cupy", None
     if hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__"):
-        device_type = int(obj.__dlpack_device__()[0])
+        device_type = _dlpack_device_type(name, obj)
         if device_type in (1, 3):  # kDLCPU, kDLCUDAHost
             try:
                 arr = np.from_dlpack(obj)
@@ -121,15 +203,57 @@ def check_float_dtype(name: str, arr, allowed) -> None:
         raise TypeError(f"{name} must have a floating dtype ({names}), got {arr.dtype}")
 
 
-def check_x(name: str, arr, dtypes) -> None:
-    """Validate the data array: floating dtype supported by the backend, ndim >= 2."""
-    if arr.dtype not in dtypes:
-        check_float_dtype(name, arr, dtypes)
+def _native_float(dtype, allowed):
+    """The native-byte-order twin of a non-native floating `dtype`, if it is `allowed`."""
+    if dtype.kind == "f" and not dtype.isnative:
+        native = dtype.newbyteorder("=")
+        if native in allowed:
+            return native
+    return None
+
+
+def _native(name: str, arr, allowed):
+    """`arr` if its dtype is `allowed`, a native-byte-order copy if only that is, else raise."""
+    if arr.dtype in allowed:
+        return arr
+    native = _native_float(arr.dtype, allowed)
+    if native is None:
+        check_float_dtype(name, arr, allowed)
+    return arr.astype(native)
+
+
+def check_x(name: str, arr, dtypes):
+    """Validate the data array: floating dtype supported by the backend, ndim >= 2.
+
+    Parameters
+    ----------
+    name : str
+        The argument's name, for error messages.
+    arr : numpy.ndarray or cupy.ndarray
+        The array (from :func:`as_array`).
+    dtypes : collection of numpy.dtype
+        The dtypes the backend takes.
+
+    Returns
+    -------
+    numpy.ndarray or cupy.ndarray
+        `arr`, or a copy in native byte order if its dtype is a non-native one of `dtypes`.
+
+    Raises
+    ------
+    TypeError
+        For a dtype that is not one of `dtypes` in any byte order.
+    ValueError
+        For fewer than 2 dimensions.
+    """
     if arr.ndim < 2:
+        if arr.dtype not in dtypes and _native_float(arr.dtype, dtypes) is None:
+            check_float_dtype(name, arr, dtypes)
         raise ValueError(
             f"{name} must have at least 2 dimensions (a batch axis and a feature axis), "
             f"got shape {tuple(arr.shape)}"
         )
+    return _native(name, arr, dtypes)
 
 
 def check_axis(axis, ndim: int) -> int:
@@ -168,27 +292,33 @@ def check_momentum(momentum) -> float:
     return momentum
 
 
-def check_per_channel(name: str, obj, num_features: int, library: str, like, *, writable: bool = False):
-    """Validate a per-channel array (weight, bias, running stats, saved statistics).
-
-    Returns the array as a NumPy/CuPy array on the same library as `like` (no copy), or None.
-    """
-    if obj is None:
-        return None
-    if (type(obj) is np.ndarray and library == "numpy" and obj.shape == (num_features,)
-            and obj.dtype in _FLOAT_DTYPES and (obj.flags.writeable or not writable)):
-        return obj  # fast path for the common case; the checks below explain any failure
-    arr, lib, _ = as_array(name, obj)
-    if lib != library:
+def _same_library(name: str, obj, arr, lib: str, library: str, like) -> None:
+    """`obj` (viewed as `arr` of array library `lib`) must come from `library`, like x."""
+    src = source_library(obj)
+    if src != library:
         raise TypeError(
-            f"{name} is a {lib} array but the input is a {library} array; "
-            "all arrays of one call must live on the same device"
+            f"{name} is a {src} array but x is a {library} array; all arrays of one call "
+            f"must come from the same library"
+        )
+    x_lib = "numpy" if isinstance(like, np.ndarray) else "cupy"
+    if lib != x_lib:
+        where = {"numpy": "on the CPU", "cupy": "on a CUDA device"}
+        raise TypeError(
+            f"{name} is {where[lib]} but x is {where[x_lib]}; all arrays of one call must live "
+            f"on the same device"
         )
     if lib == "cupy" and arr.device != like.device:
         raise ValueError(
             f"{name} is on CUDA device {arr.device.id} but the input is on device {like.device.id}"
         )
-    check_float_dtype(name, arr, (np.float16, np.float32, np.float64))
+
+
+def _check_per_channel(name, obj, num_features, library, like, writable):
+    """:func:`check_per_channel` without the byte-order conversion."""
+    arr, lib, _ = as_array(name, obj)
+    _same_library(name, obj, arr, lib, library, like)
+    if arr.dtype not in _FLOAT_DTYPES and _native_float(arr.dtype, _FLOAT_DTYPES) is None:
+        check_float_dtype(name, arr, _FLOAT_DTYPES)
     if arr.ndim != 1 or arr.shape[0] != num_features:
         raise ValueError(
             f"{name} must have shape ({num_features},) (one value per feature), got {tuple(arr.shape)}"
@@ -198,18 +328,66 @@ def check_per_channel(name: str, obj, num_features: int, library: str, like, *, 
     return arr
 
 
+def check_per_channel(name: str, obj, num_features: int, library: str, like, *, writable: bool = False):
+    """Validate a per-channel array (weight, bias, running stats, saved statistics).
+
+    Parameters
+    ----------
+    name : str
+        The argument's name, for error messages.
+    obj : array or None
+        The argument.
+    num_features : int
+        Its required length.
+    library : str
+        The library x comes from (:func:`source_library`); `obj` must come from it too.
+    like : numpy.ndarray or cupy.ndarray
+        x as returned by :func:`as_array`: `obj` must be on its device.
+    writable : bool, optional
+        `obj` is updated in place (running statistics in training).
+
+    Returns
+    -------
+    numpy.ndarray, cupy.ndarray or None
+        None for None. With `writable`, `obj` itself (ndarray subclasses: a plain ndarray
+        view of the same memory), in whatever floating dtype and byte order it has.
+        Otherwise the same, except that a non-native byte order is converted (a copy).
+
+    Raises
+    ------
+    TypeError
+        For a non-array, a non-floating dtype, or an array of another library or device.
+    ValueError
+        For a wrong shape, or a read-only array with `writable`.
+    """
+    if obj is None:
+        return None
+    if (type(obj) is np.ndarray and library == "numpy" and obj.shape == (num_features,)
+            and obj.dtype in _FLOAT_DTYPES and (obj.flags.writeable or not writable)):
+        return obj  # fast path for the common case; the checks below explain any failure
+    arr = _check_per_channel(name, obj, num_features, library, like, writable)
+    return arr if writable else _native(name, arr, _FLOAT_DTYPES)
+
+
 def check_running_stats(running_mean, running_var, num_features, library, like, *, training):
-    """Validate the running statistics; both or neither must be given."""
+    """Validate the running statistics; both or neither must be given.
+
+    Returns ``(running_mean, running_var)`` as :func:`check_per_channel` does, with
+    ``writable=training``: in training the caller's arrays, updated in place later; in eval
+    mode converted to native byte order where needed.
+    """
     if running_mean is None and running_var is None:
         return None, None
     if (running_mean is None) != (running_var is None):
         missing = "running_var" if running_var is None else "running_mean"
         raise ValueError("running_mean and running_var must either both be None or neither be "
                          f"None; {missing} is None")
-    rm = check_per_channel("running_mean", running_mean, num_features, library, like, writable=training)
-    rv = check_per_channel("running_var", running_var, num_features, library, like, writable=training)
-    if rm is not None and _shares_memory(rm, rv):
+    rm = _check_per_channel("running_mean", running_mean, num_features, library, like, training)
+    rv = _check_per_channel("running_var", running_var, num_features, library, like, training)
+    if _shares_memory(rm, rv):
         raise ValueError("running_mean and running_var must not share memory")
+    if not training:
+        rm, rv = _native("running_mean", rm, _FLOAT_DTYPES), _native("running_var", rv, _FLOAT_DTYPES)
     return rm, rv
 
 
@@ -221,18 +399,42 @@ def _shares_memory(a, b) -> bool:
     return a.data.ptr == b.data.ptr
 
 
+def check_like_x(name: str, obj, x, library: str):
+    """Validate an array that must match x: same library, device and shape, floating dtype.
+
+    Parameters
+    ----------
+    name : str
+        The argument's name, for error messages.
+    obj : array
+        The argument (``dy``).
+    x : numpy.ndarray or cupy.ndarray
+        The validated x.
+    library : str
+        The library x comes from (:func:`source_library`).
+
+    Returns
+    -------
+    numpy.ndarray or cupy.ndarray
+        `obj` viewed as an array, in native byte order (a copy if it was not).
+    """
+    arr, lib, _ = as_array(name, obj)
+    _same_library(name, obj, arr, lib, library, x)
+    if arr.dtype not in _FLOAT_DTYPES and _native_float(arr.dtype, _FLOAT_DTYPES) is None:
+        check_float_dtype(name, arr, _FLOAT_DTYPES)
+    if arr.shape != x.shape:
+        raise ValueError(f"{name} must have the shape of x {tuple(x.shape)}, got {tuple(arr.shape)}")
+    return _native(name, arr, _FLOAT_DTYPES)
+
+
 def check_backward_args(dy, x, library, c, save_mean, save_invstd, weight):
     """Validate the arguments of a backward call (x already validated).
 
-    Returns ``(dy, mean, invstd, weight)`` as arrays of `library` (weight may be None).
+    `library` is the library x comes from (:func:`source_library`). Returns
+    ``(dy, mean, invstd, weight)`` as arrays like x's, in native byte order (weight may be
+    None).
     """
-    d, dlib, _ = as_array("dy", dy)
-    if dlib != library:
-        raise TypeError(f"dy is a {dlib} array but x is a {library} array; "
-                        "all arrays of one call must live on the same device")
-    check_float_dtype("dy", d, (np.float16, np.float32, np.float64))
-    if d.shape != x.shape:
-        raise ValueError(f"dy must have the shape of x {tuple(x.shape)}, got {tuple(d.shape)}")
+    d = check_like_x("dy", dy, x, library)
     if save_mean is None or save_invstd is None:
         raise TypeError("save_mean and save_invstd must be the arrays returned by "
                         "batch_norm_forward, got None")

@@ -62,14 +62,17 @@ _dtype_sets: dict = {}
 
 
 def _prepare(x, axis, backend):
+    """Validate x: ``(array, source library of x, wrap, backend, axis)``."""
     arr, lib, wrap = v.as_array("x", x)
     be = _select_backend(lib, backend)
     dtypes = _dtype_sets.get(be.name)
     if dtypes is None:
         dtypes = _dtype_sets[be.name] = frozenset(np.dtype(d) for d in be.dtypes)
-    v.check_x("x", arr, dtypes)
+    arr = v.check_x("x", arr, dtypes)
     ax = v.check_axis(axis, arr.ndim)
-    return arr, lib, wrap, be, ax
+    # the other arguments must come from x's library (a torch CPU tensor is viewed as a
+    # NumPy array, but a NumPy weight with it is still a mix of libraries)
+    return arr, v.source_library(x), wrap, be, ax
 
 
 def _check_training_flag(training) -> bool:
@@ -226,11 +229,16 @@ def _forward_train(arr, ax, be, w, b, eps, rm, rv, momentum):
     return _forward_train3(x3, perm, shape, be, sd, w, b, eps, rm, rv, momentum)
 
 
+#: running-statistics dtypes the backends' compiled updates take (native byte order)
+_KERNEL_STATS = frozenset((np.dtype(np.float32), np.dtype(np.float64)))
+
+
 def _forward_train3(x3, perm, shape, be, sd, w, b, eps, rm, rv, momentum):
     """The training forward on the canonical view `x3` (see :func:`_forward_train`)."""
     c = x3.shape[1]
     wc, bc = _param(w, 1.0, c, be, sd), _param(b, 0.0, c, be, sd)
-    if rm is not None:
+    compiled = rm is not None and rm.dtype in _KERNEL_STATS and rv.dtype in _KERNEL_STATS
+    if compiled:
         fused = getattr(be, "forward_train_update", None)
         if fused is not None:  # one call: statistics, output, then the running stats
             y3, mean, _, invstd = fused(x3, wc, bc, eps, rm, rv, momentum)
@@ -238,16 +246,18 @@ def _forward_train3(x3, perm, shape, be, sd, w, b, eps, rm, rv, momentum):
     y3, mean, var, invstd = be.forward_train(x3, wc, bc, eps)
     if rm is not None:
         m = x3.shape[0] * x3.shape[2]
-        update = getattr(be, "update_running_stats", None)
+        update = getattr(be, "update_running_stats", None) if compiled else None
         if update is not None:  # one compiled call instead of six small array operations
             update(rm, rv, mean, var, momentum, m)
             return _restore(y3, perm, shape), mean, invstd
-        # torch's update, in the running statistics' own dtype; both new values are formed
-        # before either array is written.
-        new_rm = rm * (1.0 - momentum)
-        new_rm += mean * momentum
-        new_rv = rv * (1.0 - momentum)
-        new_rv += var * (momentum * m / (m - 1))
+        # torch's update for any running-statistics dtype and byte order (float16, '>f4',
+        # or a backend without a compiled update): computed in float64 and rounded once
+        # into the running statistics' dtype; both new values are formed before either
+        # array is written.
+        f64 = be.xp.float64
+        keep = 1.0 - momentum
+        new_rm = rm.astype(f64) * keep + mean.astype(f64) * momentum
+        new_rv = rv.astype(f64) * keep + var.astype(f64) * (momentum * m / (m - 1))
         rm[...] = new_rm
         rv[...] = new_rv
     return _restore(y3, perm, shape), mean, invstd

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -14,7 +15,52 @@ __all__ = ["BatchNorm"]
 _STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
+def _check_bool(name: str, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def _host_array(key: str, value):
+    """A state_dict entry as a NumPy array (torch tensors copied to the host; bfloat16 to float32)."""
+    try:
+        if hasattr(value, "detach") and hasattr(value, "cpu"):  # torch tensors
+            value = value.detach().cpu()
+            if str(value.dtype) == "torch.bfloat16":  # exactly representable in float32
+                value = value.float()
+            return value.numpy()
+        return np.asarray(value)
+    except Exception as exc:  # noqa: BLE001 - e.g. a CuPy array or a meta tensor
+        raise TypeError(f"{key} cannot be converted to a NumPy array ({type(exc).__name__}: "
+                        f"{exc})") from None
+
+
+def _num_batches(value) -> int:
+    """Validate ``num_batches_tracked``: a non-negative integer scalar."""
+    key = "num_batches_tracked"
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{key} must be an integer, got {type(value).__name__}")
+    if isinstance(value, numbers.Integral):
+        n = int(value)
+    else:
+        if value is None or isinstance(value, (float, complex, str, bytes)):
+            raise TypeError(f"{key} must be an integer, got {type(value).__name__}")
+        if v.source_library(value) == "cupy":
+            value = value.get()  # a device scalar: copying it to the host is harmless
+        arr = _host_array(key, value)
+        if arr.dtype.kind not in "iu":
+            raise TypeError(f"{key} must be an integer, got an array of dtype {arr.dtype}")
+        if arr.shape != ():
+            raise ValueError(f"{key} must be a scalar (0-d), got shape {arr.shape}")
+        n = int(arr)
+    if n < 0:
+        raise ValueError(f"{key} must be >= 0, got {n}")
+    return n
+
+
 def _array_module(device: str):
+    if not isinstance(device, str):
+        raise TypeError(f"device must be 'cpu' or 'gpu', got {type(device).__name__}")
     if device == "cpu":
         return np
     if device == "gpu":
@@ -53,7 +99,9 @@ class BatchNorm:
     dtype : str or numpy.dtype, optional
         dtype of the parameters and running statistics (float32 or float64).
     device : {"cpu", "gpu"}, optional
-        Where the parameters live: NumPy arrays or CuPy arrays.
+        Where the parameters live: NumPy arrays or CuPy arrays. Inputs must be arrays of
+        the same library (for torch tensors use :class:`fastbn.torch.BatchNorm2d` and its
+        siblings, or :func:`fastbn.torch.convert`).
 
     Attributes
     ----------
@@ -68,6 +116,12 @@ class BatchNorm:
     training : bool
         Training mode (batch statistics) or eval mode (running statistics).
 
+    Notes
+    -----
+    A layer can be pickled, deep-copied and sent to other processes (a CuPy layer is
+    restored on the current CUDA device). The input saved by the last forward pass is not
+    part of the copy: call :meth:`forward` on the copy before :meth:`backward`.
+
     Examples
     --------
     >>> import numpy as np, fastbn
@@ -81,14 +135,19 @@ class BatchNorm:
 
     def __init__(self, num_features, *, axis=1, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, dtype="float32", device="cpu"):
-        if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) \
-                or num_features < 1:
+        if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral):
+            raise TypeError(f"num_features must be an integer, got {type(num_features).__name__}")
+        if num_features < 1:
             raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
         if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
             raise TypeError(f"axis must be an integer, got {type(axis).__name__}")
         eps = v.check_eps(eps)
         if momentum is not None:
             momentum = v.check_momentum(momentum)
+        affine = _check_bool("affine", affine)
+        track_running_stats = _check_bool("track_running_stats", track_running_stats)
+        if dtype is None:  # np.dtype(None) would be float64
+            raise TypeError("dtype must be float32 or float64, got None")
         try:
             dt = np.dtype(dtype)
         except TypeError:
@@ -101,10 +160,10 @@ class BatchNorm:
         self.axis = int(axis)
         self.eps = eps
         self.momentum = momentum
-        self.affine = bool(affine)
-        self.track_running_stats = bool(track_running_stats)
+        self.affine = affine
+        self.track_running_stats = track_running_stats
         self.dtype = dt
-        self.device = device
+        self.device = str(device)
         self.xp = xp
         self.training = True
         c = self.num_features
@@ -124,12 +183,22 @@ class BatchNorm:
     def train(self, mode=True):
         """Set training mode (batch statistics) or, with ``mode=False``, eval mode.
 
+        Parameters
+        ----------
+        mode : bool, optional
+            True for training mode, False for eval mode.
+
         Returns
         -------
         BatchNorm
             self
+
+        Raises
+        ------
+        TypeError
+            If `mode` is not a bool.
         """
-        self.training = bool(mode)
+        self.training = _check_bool("mode", mode)
         return self
 
     def eval(self):
@@ -162,8 +231,14 @@ class BatchNorm:
         -------
         array
             The normalized output.
+
+        Raises
+        ------
+        TypeError, ValueError
+            For an input of another array library than the layer's, or any input the
+            functional API rejects. The layer is unchanged then.
         """
-        arr, _, _ = v.as_array("x", x)
+        arr = self._check_input(x)
         if arr.ndim >= 2:
             ax = v.check_axis(self.axis, arr.ndim)
             if arr.shape[ax] != self.num_features:
@@ -174,7 +249,7 @@ class BatchNorm:
         if not use_batch_stats:
             y = batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                            training=False, eps=self.eps, axis=self.axis)
-            self._saved = ("eval", x)
+            self._saved = ("eval", arr)
             return y
         record = self.training and self.track_running_stats
         momentum = 0.0
@@ -222,13 +297,30 @@ class BatchNorm:
             self.grad_weight, self.grad_bias = dw, db
         return dx
 
+    def _check_input(self, x):
+        """`x` as an array of the layer's library, or a TypeError saying what to pass."""
+        arr, _, _ = v.as_array("x", x)
+        lib = v.source_library(x)
+        if lib != self._library:
+            if self.device == "cpu":
+                hint = {"torch": "; for torch tensors use a torch layer: fastbn.torch.BatchNorm2d "
+                                 "(or BatchNorm1d, BatchNorm3d), or fastbn.torch.convert(model)",
+                        "jax": "; for JAX use fastbn.jax.batch_norm"}.get(lib, "")
+                raise TypeError(f"x is a {lib} array, but this BatchNorm holds NumPy arrays "
+                                f"(device='cpu'): pass a numpy.ndarray{hint}")
+            raise TypeError(f"x is a {lib} array, but this BatchNorm holds CuPy arrays "
+                            "(device='gpu'): pass a cupy.ndarray (cupy.asarray or "
+                            "cupy.from_dlpack convert other GPU arrays)")
+        return arr
+
+    @property
+    def _library(self) -> str:
+        return "numpy" if self.device == "cpu" else "cupy"
+
     def _eval_backward(self, dy, x):
         # In eval mode the statistics are constants: y = x * alpha + beta per feature.
         xp = self.xp
-        x = xp.asarray(x)
-        dy = xp.asarray(dy)
-        if dy.shape != x.shape:
-            raise ValueError(f"dy must have the shape of x {tuple(x.shape)}, got {tuple(dy.shape)}")
+        dy = v.check_like_x("dy", dy, x, self._library)
         ax = self.axis % x.ndim
         shape = [1] * x.ndim
         shape[ax] = self.num_features
@@ -244,7 +336,21 @@ class BatchNorm:
         dw = (dy64 * xhat).sum(axis=red)
         dx = dy64 * (w * invstd).reshape(shape)
         sd = self.dtype
-        return dx.astype(x.dtype), dw.astype(sd), db.astype(sd)
+        return dx.astype(x.dtype.newbyteorder("=")), dw.astype(sd), db.astype(sd)
+
+    # ------------------------------------------------------------------ pickling
+    def __getstate__(self):
+        """The layer's attributes without the array module and the saved forward input."""
+        state = self.__dict__.copy()
+        state.pop("xp", None)
+        state["_saved"] = None
+        return state
+
+    def __setstate__(self, state):
+        """Restore the attributes; the array module is resolved again from `device`."""
+        xp = _array_module(state["device"])
+        self.__dict__.update(state)
+        self.xp = xp
 
     # ------------------------------------------------------------------ state
     def state_dict(self):
@@ -269,22 +375,32 @@ class BatchNorm:
     def load_state_dict(self, state_dict, strict=True):
         """Load parameters and buffers saved by :meth:`state_dict` (or by torch's BatchNorm).
 
-        Every entry is validated before anything is assigned.
+        Every entry is validated before anything is assigned: when loading fails, the layer
+        is unchanged.
 
         Parameters
         ----------
         state_dict : mapping
-            Arrays (or anything ``numpy.asarray`` accepts, e.g. torch CPU tensors) by key.
+            Arrays (or anything ``numpy.asarray`` accepts, e.g. torch CPU tensors; bfloat16
+            tensors are widened to float32, exactly) by key. ``num_batches_tracked`` is a
+            non-negative integer: a Python or NumPy integer, or a 0-d integer array.
         strict : bool, optional
             Require exactly the keys this layer has.
 
         Raises
         ------
+        TypeError
+            If `state_dict` is not a mapping, `strict` not a bool, or an entry cannot be
+            converted to an array or has the wrong kind of dtype.
         KeyError
             With ``strict=True``, if keys are missing or unexpected.
         ValueError
-            If an entry has the wrong shape.
+            If an entry has the wrong shape, or ``num_batches_tracked`` is negative.
         """
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a mapping (e.g. a dict) from names to arrays, "
+                            f"got {type(state_dict).__name__}")
+        strict = _check_bool("strict", strict)
         expected = [k for k in _STATE_KEYS
                     if (k in ("weight", "bias") and self.affine)
                     or (k not in ("weight", "bias") and self.track_running_stats)]
@@ -299,20 +415,26 @@ class BatchNorm:
             if key not in state_dict:
                 continue
             value = state_dict[key]
-            if hasattr(value, "detach"):  # torch tensors
-                value = value.detach().cpu().numpy()
             if key == "num_batches_tracked":
-                arr = np.asarray(value.get() if hasattr(value, "get") else value)
-                if arr.shape != () or arr.dtype.kind not in "iu":
-                    raise ValueError(f"num_batches_tracked must be a scalar integer, got {arr!r}")
-                new[key] = int(arr)
+                new[key] = _num_batches(value)
                 continue
-            arr = xp.asarray(value)
+            if xp is np or hasattr(value, "detach"):
+                arr = _host_array(key, value)
+            else:
+                try:
+                    arr = xp.asarray(value)
+                except Exception as exc:  # noqa: BLE001
+                    raise TypeError(f"{key} cannot be converted to a {xp.__name__} array "
+                                    f"({type(exc).__name__}: {exc})") from None
+            if arr.dtype.kind != "f":
+                if arr.dtype == object and not isinstance(value, np.ndarray):
+                    got = type(value).__name__  # None, or objects NumPy wraps as a 0-d array
+                else:
+                    got = f"dtype {arr.dtype}"
+                raise TypeError(f"{key} must be a floating array, got {got}")
             if arr.shape != (self.num_features,):
                 raise ValueError(f"{key} must have shape ({self.num_features},), got {tuple(arr.shape)}")
-            if arr.dtype.kind != "f":
-                raise TypeError(f"{key} must be a floating array, got dtype {arr.dtype}")
-            new[key] = arr.astype(self.dtype, copy=True)
+            new[key] = xp.asarray(arr).astype(self.dtype, copy=True)
         for key, value in new.items():
             setattr(self, key, value)
 

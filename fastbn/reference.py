@@ -29,17 +29,19 @@ def _numpy(name, obj):
 
 
 def _setup(x, axis):
+    """``(x as a NumPy array, axis, reduced axes, per-feature shape, library of x)``."""
+    lib = v.source_library(x)
     x = _numpy("x", x)
-    v.check_x("x", x, _DTYPES)
+    x = v.check_x("x", x, _DTYPES)
     axis = v.check_axis(axis, x.ndim)
     reduce_axes = tuple(i for i in range(x.ndim) if i != axis)
     shape = [1] * x.ndim
     shape[axis] = x.shape[axis]
-    return x, axis, reduce_axes, tuple(shape)
+    return x, axis, reduce_axes, tuple(shape), lib
 
 
-def _per_channel(name, a, c, like, *, default=None, writable=False):
-    a = v.check_per_channel(name, a, c, "numpy", like, writable=writable)
+def _per_channel(name, a, c, lib, like, *, default=None, writable=False):
+    a = v.check_per_channel(name, a, c, lib, like, writable=writable)
     if a is None:
         return None if default is None else np.full(c, default, dtype=np.float64)
     return a.astype(np.float64)
@@ -80,14 +82,14 @@ def batch_norm_forward(x, weight=None, bias=None, *, eps=1e-5, axis=1, running_m
         float64 batch mean and ``1 / sqrt(var + eps)`` (biased variance), per feature.
     """
     _check_backend(backend)
-    x, axis, red, shape = _setup(x, axis)
+    x, axis, red, shape, lib = _setup(x, axis)
     c = x.shape[axis]
     eps = v.check_eps(eps)
     momentum = v.check_momentum(momentum)
     v.check_training_batch(x.shape, axis)
-    w = _per_channel("weight", weight, c, x, default=1.0)
-    b = _per_channel("bias", bias, c, x, default=0.0)
-    rm, rv = v.check_running_stats(running_mean, running_var, c, "numpy", x, training=True)
+    w = _per_channel("weight", weight, c, lib, x, default=1.0)
+    b = _per_channel("bias", bias, c, lib, x, default=0.0)
+    rm, rv = v.check_running_stats(running_mean, running_var, c, lib, x, training=True)
 
     x64 = x.astype(np.float64)
     m = x.size // c if c else 0
@@ -141,13 +143,13 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     if training:
         return batch_norm_forward(x, weight, bias, eps=eps, axis=axis, running_mean=running_mean,
                                   running_var=running_var, momentum=momentum)[0]
-    x, axis, red, shape = _setup(x, axis)
+    x, axis, red, shape, lib = _setup(x, axis)
     c = x.shape[axis]
     eps = v.check_eps(eps)
     v.check_momentum(momentum)
-    w = _per_channel("weight", weight, c, x, default=1.0)
-    b = _per_channel("bias", bias, c, x, default=0.0)
-    rm, rv = v.check_running_stats(running_mean, running_var, c, "numpy", x, training=False)
+    w = _per_channel("weight", weight, c, lib, x, default=1.0)
+    b = _per_channel("bias", bias, c, lib, x, default=0.0)
+    rm, rv = v.check_running_stats(running_mean, running_var, c, lib, x, training=False)
     if rm is None:
         raise ValueError("running_mean and running_var must be given when training=False "
                          "(eval mode normalizes with them)")
@@ -182,9 +184,9 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *, axis=1, b
         float64 gradients with respect to the weight and bias.
     """
     _check_backend(backend)
-    x, axis, red, shape = _setup(x, axis)
+    x, axis, red, shape, lib = _setup(x, axis)
     c = x.shape[axis]
-    dy, mean, invstd, w = v.check_backward_args(dy, x, "numpy", c, save_mean, save_invstd, weight)
+    dy, mean, invstd, w = v.check_backward_args(dy, x, lib, c, save_mean, save_invstd, weight)
     mean, invstd = mean.astype(np.float64), invstd.astype(np.float64)
     w = np.ones(c) if w is None else w.astype(np.float64)
 

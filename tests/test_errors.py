@@ -1,5 +1,7 @@
 """Every bad input gets a clear TypeError/ValueError naming the argument, and changes nothing."""
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -24,6 +26,46 @@ def _readonly(a):
     a = a.copy()
     a.flags.writeable = False
     return a
+
+
+def _matrix(a):
+    """``numpy.matrix(a)``, without its PendingDeprecationWarning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PendingDeprecationWarning)
+        return np.matrix(a)
+
+
+def _masked(a):
+    """A masked array sharing `a`'s memory (so an accepted in-place update would show)."""
+    return np.ma.masked_array(a, mask=np.zeros(a.shape, bool))
+
+
+def _torch(a):
+    """A torch tensor sharing `a`'s memory."""
+    return pytest.importorskip("torch").from_numpy(a)
+
+
+def _jax(a):
+    return pytest.importorskip("jax.numpy").asarray(a)
+
+
+def _swapped(a):
+    return a.astype(a.dtype.newbyteorder("S"))
+
+
+class _OddDLPack:
+    """A DLPack producer whose __dlpack_device__ returns a string, or raises."""
+
+    def __init__(self, raises=False):
+        self.raises = raises
+
+    def __dlpack__(self, **kwargs):
+        raise BufferError("cannot pack")
+
+    def __dlpack_device__(self):
+        if self.raises:
+            raise ValueError("Unknown device type meta for Dlpack")
+        return "cpu"
 
 
 # (description, exception, message regex, call(state, backend, api)) where api is fastbn
@@ -93,6 +135,42 @@ CASES = [
      lambda s, be, a: a.batch_norm(s["x"], s["rm"], s["rv"], training=True, backend="gpu")),
     ("aliased running stats", ValueError, r"running_mean and running_var must not share memory",
      lambda s, be, a: a.batch_norm(s["x"], s["rm"], s["rm"], training=True, backend=be)),
+    # ndarray subclasses whose meaning NumPy's base class would lose
+    ("x masked", TypeError, r"x is a numpy\.ma\.MaskedArray.*x\.filled\(",
+     lambda s, be, a: a.batch_norm(_masked(s["x"]), s["rm"], s["rv"], training=True, backend=be)),
+    ("x masked strided", TypeError, r"x is a numpy\.ma\.MaskedArray",
+     lambda s, be, a: a.batch_norm_forward(_masked(s["x"])[::2], running_mean=s["rm"], running_var=s["rv"], backend=be)),
+    ("x matrix", TypeError, r"x is a numpy\.matrix.*np\.asarray\(x\)",
+     lambda s, be, a: a.batch_norm(_matrix(s["x"][:, :, 0]), s["rm"], s["rv"], training=True, backend=be)),
+    ("weight masked", TypeError, r"weight is a numpy\.ma\.MaskedArray",
+     lambda s, be, a: a.batch_norm(s["x"], s["rm"], s["rv"], _masked(s["w"]), training=True, backend=be)),
+    ("bias matrix", TypeError, r"bias is a numpy\.matrix",
+     lambda s, be, a: a.batch_norm_forward(s["x"], s["w"], _matrix(s["b"]), running_mean=s["rm"], running_var=s["rv"], backend=be)),
+    ("running_mean masked", TypeError, r"running_mean is a numpy\.ma\.MaskedArray",
+     lambda s, be, a: a.batch_norm(s["x"], _masked(s["rm"]), s["rv"], training=True, backend=be)),
+    ("running_var masked eval", TypeError, r"running_var is a numpy\.ma\.MaskedArray",
+     lambda s, be, a: a.batch_norm(s["x"], s["rm"], _masked(s["rv"]), training=False, backend=be)),
+    # one array library per call
+    ("torch x numpy weight", TypeError, r"weight is a numpy array but x is a torch array",
+     lambda s, be, a: a.batch_norm_forward(_torch(s["x"]), s["w"], running_mean=_torch(s["rm"]), running_var=_torch(s["rv"]), backend=be)),
+    ("torch x numpy running stats", TypeError, r"running_mean is a numpy array but x is a torch array",
+     lambda s, be, a: a.batch_norm(_torch(s["x"]), s["rm"], s["rv"], training=True, backend=be)),
+    ("numpy x torch running_var", TypeError, r"running_var is a torch array but x is a numpy array",
+     lambda s, be, a: a.batch_norm(s["x"], s["rm"], _torch(s["rv"]), training=True, backend=be)),
+    ("numpy x torch bias", TypeError, r"bias is a torch array but x is a numpy array",
+     lambda s, be, a: a.batch_norm_forward(s["x"], s["w"], _torch(s["b"]), running_mean=s["rm"], running_var=s["rv"], backend=be)),
+    ("jax x numpy weight", TypeError, r"weight is a numpy array but x is a jax array",
+     lambda s, be, a: a.batch_norm_forward(_jax(s["x"]), s["w"], backend=be)),
+    # DLPack producers that do not follow the protocol
+    ("x odd dlpack device", TypeError, r"x must be .*__dlpack_device__\(\) returned 'cpu'",
+     lambda s, be, a: a.batch_norm(_OddDLPack(), s["rm"], s["rv"], training=True, backend=be)),
+    ("weight raising dlpack device", TypeError, r"weight must be .*__dlpack_device__\(\) raised ValueError",
+     lambda s, be, a: a.batch_norm(s["x"], s["rm"], s["rv"], _OddDLPack(raises=True), training=True, backend=be)),
+    # byte order: any float byte order is accepted; read-only and non-float are still errors
+    ("read-only big-endian running_mean", ValueError, r"running_mean is read-only",
+     lambda s, be, a: a.batch_norm(s["x"], _readonly(_swapped(s["rm"])), s["rv"], training=True, backend=be)),
+    ("x big-endian int", TypeError, r"x must have a floating dtype .*got >i4",
+     lambda s, be, a: a.batch_norm_forward(np.ones((4, C), ">i4"), backend=be)),
 ]
 
 
@@ -145,6 +223,16 @@ BWD_CASES = [
      lambda s, be, a: a.batch_norm_backward(s["dy"], s["x"], s["mean"], s["invstd"], axis=5, backend=be)),
     ("axis changes C", ValueError, r"save_mean must have shape \(5,\)",
      lambda s, be, a: a.batch_norm_backward(s["dy"], s["x"], s["mean"], s["invstd"], axis=2, backend=be)),
+    ("dy masked", TypeError, r"dy is a numpy\.ma\.MaskedArray",
+     lambda s, be, a: a.batch_norm_backward(_masked(s["dy"]), s["x"], s["mean"], s["invstd"], backend=be)),
+    ("save_invstd matrix", TypeError, r"save_invstd is a numpy\.matrix",
+     lambda s, be, a: a.batch_norm_backward(s["dy"], s["x"], s["mean"], _matrix(s["invstd"]), backend=be)),
+    ("torch dy numpy x", TypeError, r"dy is a torch array but x is a numpy array",
+     lambda s, be, a: a.batch_norm_backward(_torch(s["dy"]), s["x"], s["mean"], s["invstd"], backend=be)),
+    ("torch x numpy save_mean", TypeError, r"save_mean is a numpy array but x is a torch array",
+     lambda s, be, a: a.batch_norm_backward(_torch(s["dy"]), _torch(s["x"]), s["mean"], _torch(s["invstd"]), backend=be)),
+    ("dy odd dlpack device", TypeError, r"dy must be .*__dlpack_device__\(\)",
+     lambda s, be, a: a.batch_norm_backward(_OddDLPack(), s["x"], s["mean"], s["invstd"], backend=be)),
 ]
 
 

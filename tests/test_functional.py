@@ -369,6 +369,55 @@ def test_running_stats_update(backend):
     np.testing.assert_allclose(y, expected, rtol=1e-13, atol=1e-13)
 
 
+def _as_stats(a, kind):
+    """Running statistics of another dtype or layout with the values of float64 `a`."""
+    if kind == "float16":
+        return a.astype(np.float16)
+    if kind == "big-endian":
+        return a.astype(">f4")
+    big = np.zeros((a.size, 2))  # a strided float64 view
+    big[:, 0] = a
+    return big[:, 0]
+
+
+@pytest.mark.parametrize("backend", NUMPY_BACKENDS)
+@pytest.mark.parametrize("kind", ["float16", "big-endian", "strided"])
+@pytest.mark.parametrize("shape", [(10, 3, 4), (3, 3, 40000)], ids=["serial", "parallel"])
+def test_running_stats_of_any_float_dtype(backend, kind, shape):
+    """Running statistics of any floating dtype, byte order or stride are updated in place:
+    torch's formula in float64, rounded once into their own dtype. So the result is that
+    of float64 running statistics holding the same values, rounded once (bit for bit)."""
+    rng = np.random.default_rng(8)
+    x = (3 + 2 * rng.standard_normal(shape)).astype(np.float32)
+    rm0 = _as_stats(rng.standard_normal(3), kind).astype(np.float64)  # values of that dtype
+    rv0 = _as_stats(rng.uniform(0.5, 2, 3), kind).astype(np.float64)
+    rm, rv = _as_stats(rm0, kind), _as_stats(rv0, kind)
+    rm64, rv64 = rm0.copy(), rv0.copy()
+    dtype = rm.dtype
+    for _ in range(2):
+        fastbn.batch_norm(x, rm, rv, training=True, momentum=0.3, backend=backend)
+        fastbn.batch_norm(x, rm64, rv64, training=True, momentum=0.3, backend=backend)
+        assert rm.dtype == dtype and rv.dtype == dtype
+        np.testing.assert_array_equal(rm, rm64.astype(dtype))
+        np.testing.assert_array_equal(rv, rv64.astype(dtype))
+        rm64, rv64 = rm.astype(np.float64), rv.astype(np.float64)  # next step from the rounded
+    y = fastbn.batch_norm(x, rm, rv, training=False, backend=backend)  # and eval uses them
+    np.testing.assert_array_equal(y, fastbn.batch_norm(x, rm64, rv64, training=False, backend=backend))
+
+
+def test_torch_half_running_stats():
+    """torch float16 running statistics given to the core API (viewed through DLPack)."""
+    torch = pytest.importorskip("torch")
+    x = torch.randn(64, 3, 5) * 2 + 3
+    rm, rv = torch.zeros(3, dtype=torch.half), torch.ones(3, dtype=torch.half)
+    rm64, rv64 = np.zeros(3), np.ones(3)
+    fastbn.batch_norm(x, rm, rv, training=True)
+    fastbn.batch_norm(x.numpy(), rm64, rv64, training=True)
+    assert rm.dtype == torch.half
+    np.testing.assert_array_equal(rm.numpy(), rm64.astype(np.float16))
+    np.testing.assert_array_equal(rv.numpy(), rv64.astype(np.float16))
+
+
 @pytest.mark.parametrize("backend", NUMPY_BACKENDS)
 def test_training_without_running_stats(backend):
     x = np.random.default_rng(8).standard_normal((6, 2))

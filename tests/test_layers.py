@@ -1,5 +1,10 @@
 """The stateful BatchNorm layer: torch's running-stat semantics, modes and state_dict."""
 
+import copy
+import multiprocessing
+import pickle
+import warnings
+
 import numpy as np
 import pytest
 
@@ -127,6 +132,113 @@ def test_state_dict_round_trip():
     assert bn.weight[0] == 1.0
 
 
+class _NoArray:
+    """Refuses conversion to a NumPy array, as a CuPy array does."""
+
+    def __array__(self, dtype=None, copy=None):
+        raise TypeError("Implicit conversion to a NumPy array is not allowed")
+
+
+def _bfloat16(values):
+    torch = pytest.importorskip("torch")
+    return torch.tensor(values, dtype=torch.bfloat16)
+
+
+def _meta_tensor():
+    return pytest.importorskip("torch").empty(3, device="meta")
+
+
+BAD_STATE = [
+    ("None", TypeError, r"state_dict must be a mapping .*got NoneType", lambda s: None),
+    ("list", TypeError, r"state_dict must be a mapping .*got list", lambda s: list(s.items())),
+    ("negative num_batches_tracked", ValueError, r"num_batches_tracked must be >= 0, got -1",
+     lambda s: {**s, "num_batches_tracked": np.array(-1)}),
+    ("negative int num_batches_tracked", ValueError, r"num_batches_tracked must be >= 0, got -5",
+     lambda s: {**s, "num_batches_tracked": -5}),
+    ("float num_batches_tracked", TypeError, r"num_batches_tracked must be an integer.*float",
+     lambda s: {**s, "num_batches_tracked": 3.0}),
+    ("float array num_batches_tracked", TypeError, r"num_batches_tracked must be an integer.*float64",
+     lambda s: {**s, "num_batches_tracked": np.array(3.0)}),
+    ("bool num_batches_tracked", TypeError, r"num_batches_tracked must be an integer.*bool",
+     lambda s: {**s, "num_batches_tracked": True}),
+    ("bool array num_batches_tracked", TypeError, r"num_batches_tracked must be an integer.*bool",
+     lambda s: {**s, "num_batches_tracked": np.array(True)}),
+    ("1-d num_batches_tracked", ValueError, r"num_batches_tracked must be a scalar.*\(1,\)",
+     lambda s: {**s, "num_batches_tracked": np.array([3])}),
+    ("None num_batches_tracked", TypeError, r"num_batches_tracked must be an integer.*NoneType",
+     lambda s: {**s, "num_batches_tracked": None}),
+    ("unconvertible num_batches_tracked", TypeError, r"num_batches_tracked cannot be converted",
+     lambda s: {**s, "num_batches_tracked": _NoArray()}),
+    ("unconvertible weight", TypeError,
+     r"weight cannot be converted to a NumPy array .*Implicit conversion",
+     lambda s: {**s, "weight": _NoArray()}),
+    ("None bias", TypeError, r"bias must be a floating array, got NoneType",
+     lambda s: {**s, "bias": None}),
+    ("string running_mean", TypeError, r"running_mean must be a floating array",
+     lambda s: {**s, "running_mean": "abc"}),
+    ("int running_var", TypeError, r"running_var must be a floating array, got dtype int64",
+     lambda s: {**s, "running_var": np.ones(3, np.int64)}),
+    ("complex weight", TypeError, r"weight must be a floating array, got dtype complex128",
+     lambda s: {**s, "weight": np.ones(3, complex)}),
+    ("short running_var", ValueError, r"running_var must have shape \(3,\), got \(4,\)",
+     lambda s: {**s, "running_var": np.ones(4, np.float32)}),
+    ("meta tensor", TypeError, r"running_mean cannot be converted to a NumPy array",
+     lambda s: {**s, "running_mean": _meta_tensor()}),
+    ("bfloat16 wrong length", ValueError, r"bias must have shape \(3,\), got \(2,\)",
+     lambda s: {**s, "bias": _bfloat16([1.0, 2.0])}),
+    ("strict not bool", TypeError, r"strict must be a bool, got str", "strict"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_STATE, ids=[c[0] for c in BAD_STATE])
+def test_bad_state_dict_changes_nothing(case):
+    _, exc, match, make = case
+    bn = _trained()
+    good = bn.state_dict()
+    before = _attributes(bn)
+    with pytest.raises(exc, match=match):
+        if make == "strict":
+            bn.load_state_dict(good, strict="no")
+        else:
+            bn.load_state_dict(make(good))
+    _assert_unchanged(bn, before)
+    bn.load_state_dict(good)  # still usable
+    _assert_unchanged(bn, before)
+
+
+def test_bad_state_dict_non_strict_changes_nothing():
+    bn = _trained()
+    before = _attributes(bn)
+    with pytest.raises(ValueError, match=r"num_batches_tracked must be >= 0"):
+        bn.load_state_dict({"weight": np.zeros(3, np.float32), "num_batches_tracked": -1},
+                           strict=False)
+    _assert_unchanged(bn, before)
+
+
+def test_load_bfloat16_torch_state():
+    torch = pytest.importorskip("torch")
+    ref = torch.nn.BatchNorm2d(3).to(torch.bfloat16)
+    with torch.no_grad():
+        ref.weight.copy_(torch.tensor([0.5, 1.5, -2.0]))
+        ref.running_var.copy_(torch.tensor([1.25, 3.0, 0.0078125]))
+    ref.num_batches_tracked += 7
+    bn = fastbn.BatchNorm(3)
+    bn.load_state_dict(ref.state_dict())
+    np.testing.assert_array_equal(bn.weight, [0.5, 1.5, -2.0])
+    np.testing.assert_array_equal(bn.running_var, [1.25, 3.0, 0.0078125])
+    assert bn.weight.dtype == np.float32 and bn.num_batches_tracked == 7
+    assert type(bn.num_batches_tracked) is int
+
+
+def test_load_state_dict_accepts_integer_scalars():
+    bn = fastbn.BatchNorm(3)
+    for n, expected in ((np.int32(4), 4), (5, 5), (np.array(6, np.uint8), 6), (0, 0)):
+        state = bn.state_dict()
+        state["num_batches_tracked"] = n
+        bn.load_state_dict(state)
+        assert bn.num_batches_tracked == expected and type(bn.num_batches_tracked) is int
+
+
 def test_load_state_dict_validates_before_assigning():
     bn = fastbn.BatchNorm(3)
     bn(_x(0))
@@ -161,10 +273,261 @@ def test_bad_input_changes_nothing():
     (dict(num_features=3, dtype="int32"), TypeError, "dtype must be float32 or float64"),
     (dict(num_features=3, device="tpu"), ValueError, "device must be 'cpu' or 'gpu'"),
     (dict(num_features=3, axis="1"), TypeError, "axis must be an integer"),
+    (dict(num_features=3.0), TypeError, "num_features must be an integer, got float"),
+    (dict(num_features=True), TypeError, "num_features must be an integer, got bool"),
+    (dict(num_features="3"), TypeError, "num_features must be an integer, got str"),
+    (dict(num_features=3, affine="no"), TypeError, "affine must be a bool, got str"),
+    (dict(num_features=3, affine=1), TypeError, "affine must be a bool, got int"),
+    (dict(num_features=3, affine=None), TypeError, "affine must be a bool, got NoneType"),
+    (dict(num_features=3, track_running_stats="False"), TypeError,
+     "track_running_stats must be a bool, got str"),
+    (dict(num_features=3, track_running_stats=0), TypeError, "track_running_stats must be a bool"),
+    (dict(num_features=3, device=0), TypeError, "device must be 'cpu' or 'gpu', got int"),
+    (dict(num_features=3, device=None), TypeError, "device must be 'cpu' or 'gpu', got NoneType"),
+    (dict(num_features=3, dtype=None), TypeError, "dtype must be float32 or float64, got None"),
+    (dict(num_features=3, dtype=">f4"), TypeError, "dtype must be float32 or float64, got >f4"),
 ])
 def test_bad_constructor_arguments(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         fastbn.BatchNorm(**kwargs)
+
+
+def test_constructor_accepts_numpy_scalars():
+    bn = fastbn.BatchNorm(np.int64(3), axis=np.int32(-1), affine=np.bool_(False),
+                          track_running_stats=np.True_, device=np.str_("cpu"))
+    assert bn.num_features == 3 and type(bn.num_features) is int
+    assert bn.axis == -1 and type(bn.axis) is int
+    assert bn.affine is False and bn.track_running_stats is True
+    assert bn.weight is None and bn.running_mean is not None
+    assert bn.device == "cpu" and type(bn.device) is str
+
+
+@pytest.mark.parametrize("mode", ["no", 0, None, 1.0])
+def test_train_mode_must_be_bool(mode):
+    bn = fastbn.BatchNorm(3)
+    with pytest.raises(TypeError, match="mode must be a bool"):
+        bn.train(mode)
+    assert bn.training is True
+    assert bn.train(np.False_).training is False
+
+
+# ----------------------------------------------------------------------------- bad inputs
+def _attributes(bn):
+    """Every attribute of the layer, arrays copied, for before/after comparisons."""
+    out = {}
+    for k, val in vars(bn).items():
+        if isinstance(val, np.ndarray):
+            out[k] = ("array", val.dtype, val.copy())
+        elif k == "_saved":
+            out[k] = ("saved", None if val is None else tuple(id(a) for a in val))
+        else:
+            out[k] = ("value", val)
+    return out
+
+
+def _assert_unchanged(bn, before):
+    after = _attributes(bn)
+    assert after.keys() == before.keys()
+    for k, b in before.items():
+        a = after[k]
+        if b[0] == "array":
+            assert a[0] == "array" and a[1] == b[1], k
+            np.testing.assert_array_equal(a[2], b[2], err_msg=k)
+        else:
+            assert a == b, k
+
+
+def _matrix(a):
+    """``numpy.matrix(a)``, without its PendingDeprecationWarning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PendingDeprecationWarning)
+        return np.matrix(a)
+
+
+class _OddDLPack:
+    def __dlpack__(self, **kwargs):
+        raise BufferError("cannot pack")
+
+    def __dlpack_device__(self):
+        return "cpu"
+
+
+def _torch_x(x):
+    return pytest.importorskip("torch").from_numpy(x)
+
+
+BAD_LAYER_INPUTS = [
+    ("masked", TypeError, r"x is a numpy\.ma\.MaskedArray", lambda x: np.ma.masked_array(x)),
+    ("masked strided", TypeError, r"x is a numpy\.ma\.MaskedArray",
+     lambda x: np.ma.masked_array(np.concatenate([x, x]))[::2]),
+    ("matrix", TypeError, r"x is a numpy\.matrix", lambda x: _matrix(x[:, :, 0, 0])),
+    ("odd dlpack", TypeError, r"x must be .*__dlpack_device__", lambda x: _OddDLPack()),
+    ("torch", TypeError,
+     r"x is a torch array, but this BatchNorm holds NumPy arrays.*fastbn\.torch\.BatchNorm2d.*"
+     r"fastbn\.torch\.convert", _torch_x),
+    ("jax", TypeError, r"x is a jax array, but this BatchNorm holds NumPy arrays.*fastbn\.jax",
+     lambda x: pytest.importorskip("jax.numpy").asarray(x)),
+]
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("case", BAD_LAYER_INPUTS, ids=[c[0] for c in BAD_LAYER_INPUTS])
+def test_bad_layer_input_changes_nothing(case, mode):
+    _, exc, match, make = case
+    bn = fastbn.BatchNorm(3, momentum=None)
+    x = _x(0)
+    bn(x)
+    bn.backward(np.ones_like(x))
+    bn.train(mode == "train")
+    before = _attributes(bn)
+    with pytest.raises(exc, match=match):
+        bn(make(_x(1)))
+    _assert_unchanged(bn, before)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_bad_layer_dy_changes_nothing(mode):
+    bn = fastbn.BatchNorm(3)
+    x = _x(0)
+    bn(x)
+    bn.train(mode == "train")
+    bn(x)
+    bn.backward(np.ones_like(x))
+    before = _attributes(bn)
+    for dy, match in ((np.ma.masked_array(np.ones_like(x)), r"dy is a numpy\.ma\.MaskedArray"),
+                      (_torch_x(np.ones_like(x)), r"dy is a torch array but x is a numpy array"),
+                      (np.ones(x.shape, np.int32), r"dy must have a floating dtype"),
+                      (np.ones((2, 3), np.float32), r"dy must have the shape of x")):
+        with pytest.raises((TypeError, ValueError), match=match):
+            bn.backward(dy)
+        _assert_unchanged(bn, before)
+
+
+def test_eval_backward_big_endian_results_are_native():
+    bn = fastbn.BatchNorm(3).eval()
+    x = _x(0)
+    y = bn(x.astype(">f4"))
+    dx = bn.backward(np.ones(x.shape, ">f4"))
+    assert y.dtype == np.float32 and y.dtype.isnative
+    assert dx.dtype == np.float32 and dx.dtype.isnative
+    np.testing.assert_array_equal(y, bn(x))
+    np.testing.assert_array_equal(dx, bn.backward(np.ones_like(x)))
+
+
+# ----------------------------------------------------------------------------- pickling, copies
+def _trained(seed=0, **kwargs):
+    bn = fastbn.BatchNorm(3, **kwargs)
+    bn.weight[:] = [0.5, 1.5, -2.0]
+    bn.bias[:] = [0.1, -0.2, 0.3]
+    for s in range(2):
+        x = _x(seed + s)
+        bn(x)
+        bn.backward(np.ones_like(x))
+    return bn
+
+
+def _same_state(a, b):
+    assert repr(a) == repr(b)
+    assert a.training == b.training and a.num_batches_tracked == b.num_batches_tracked
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype
+        np.testing.assert_array_equal(sa[k], sb[k], err_msg=k)
+    for k in ("grad_weight", "grad_bias"):
+        np.testing.assert_array_equal(getattr(a, k), getattr(b, k), err_msg=k)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(momentum=None, dtype="float64"),
+                                    dict(affine=False, track_running_stats=False)], ids=str)
+def test_pickle_round_trip(kwargs):
+    bn = fastbn.BatchNorm(3, axis=1, eps=1e-3, **kwargs)
+    x = _x(0)
+    bn(x)
+    bn.backward(np.ones_like(x))
+    clone = pickle.loads(pickle.dumps(bn))
+    _same_state(bn, clone)
+    assert clone.xp is np
+    for mode in (True, False):
+        bn.train(mode)
+        clone.train(mode)
+        x = _x(5)
+        np.testing.assert_array_equal(clone(x), bn(x))
+        dy = np.random.default_rng(6).standard_normal(x.shape).astype(np.float32)
+        np.testing.assert_array_equal(clone.backward(dy), bn.backward(dy))
+        _same_state(bn, clone)
+
+
+def test_copies_need_a_new_forward_before_backward():
+    bn = fastbn.BatchNorm(3)
+    x = _x(0)
+    bn(x)
+    data = pickle.dumps(bn)
+    assert x.tobytes() not in data  # the saved input is not part of the pickle
+    for clone in (pickle.loads(data), copy.deepcopy(bn)):
+        with pytest.raises(RuntimeError, match="forward pass first"):
+            clone.backward(np.ones_like(x))
+    bn.backward(np.ones_like(x))  # the original keeps its saved input
+
+
+def test_deepcopy_is_independent():
+    bn = _trained()
+    clone = copy.deepcopy(bn)
+    _same_state(bn, clone)
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        assert not np.shares_memory(getattr(bn, name), getattr(clone, name)), name
+    before = bn.state_dict()
+    x = _x(7)
+    clone(x)
+    clone.backward(np.ones_like(x))
+    clone.weight[0] = 42.0
+    clone.train(False)
+    for k, val in bn.state_dict().items():
+        np.testing.assert_array_equal(val, before[k], err_msg=k)
+    assert bn.training and clone.num_batches_tracked == bn.num_batches_tracked + 1
+    bn(x)  # and the other way round
+    assert clone.num_batches_tracked == bn.num_batches_tracked
+
+
+def _train_step(bn, x):
+    """Run in a worker process: one training step on a layer that came through pickle."""
+    y = bn(x)
+    dx = bn.backward(np.ones_like(x))
+    return y, dx, bn
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_layer_in_a_worker_process(method):
+    if method not in multiprocessing.get_all_start_methods():
+        pytest.skip(f"start method {method!r} is not available here")
+    bn = _trained()
+    x = _x(9)
+    with multiprocessing.get_context(method).Pool(1) as pool:
+        y, dx, remote = pool.apply(_train_step, (bn, x))
+    y_here, dx_here, _ = _train_step(bn, x)
+    np.testing.assert_array_equal(y, y_here)
+    np.testing.assert_array_equal(dx, dx_here)
+    _same_state(remote, bn)
+
+
+def test_pickle_on_cupy():
+    cp = pytest.importorskip("cupy")
+    try:
+        if cp.cuda.runtime.getDeviceCount() < 1:
+            pytest.skip("no CUDA device")
+    except Exception as exc:  # noqa: BLE001 - CuPy installed but no usable driver
+        pytest.skip(f"no CUDA device ({exc})")
+    bn = fastbn.BatchNorm(3, device="gpu")
+    x = cp.asarray(_x(0))
+    bn(x)
+    for clone in (pickle.loads(pickle.dumps(bn)), copy.deepcopy(bn)):
+        assert clone.xp is cp and isinstance(clone.running_mean, cp.ndarray)
+        np.testing.assert_array_equal(clone.running_mean.get(), bn.running_mean.get())
+        x = cp.asarray(_x(1))
+        np.testing.assert_array_equal(clone(x).get(), bn(x).get())
+    bn.eval()
+    with pytest.raises(TypeError, match=r"x is a numpy array, but this BatchNorm holds CuPy arrays"):
+        bn(_x(2))
 
 
 def test_backward_before_forward():
