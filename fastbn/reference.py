@@ -48,11 +48,12 @@ def _per_channel(name, a, c, lib, like, *, default=None, writable=False):
 
 
 def _invstd(var, eps):
+    """1 / sqrt(var + eps); 0 where var + eps == 0 (torch's rule); NaN stays NaN."""
     denom = var + eps
-    with np.errstate(divide="ignore"):
-        return np.where(denom > 0, 1.0 / np.sqrt(np.where(denom > 0, denom, 1.0)), 0.0)
+    return np.where(denom == 0, 0.0, 1.0 / np.sqrt(np.where(denom == 0, 1.0, denom)))
 
 
+@np.errstate(invalid="ignore", divide="ignore", over="ignore")  # NaN, inf: as the kernels
 def batch_norm_forward(x, weight=None, bias=None, *, eps=1e-5, axis=1, running_mean=None,
                        running_var=None, momentum=0.1, backend=None):
     """Training-mode batch normalization in float64.
@@ -96,7 +97,14 @@ def batch_norm_forward(x, weight=None, bias=None, *, eps=1e-5, axis=1, running_m
     if m == 0:
         nan = np.full(c, np.nan)
         return x64.copy(), nan, nan.copy()
-    mean = x64.mean(axis=red)
+    # The mean as k + mean(x - k), k a finite value of each feature (its first; 0 if that
+    # is inf or NaN). The same number in exact arithmetic; in floating point a constant
+    # feature gets its own value as mean and a variance of exactly 0 (a float64 sum of n
+    # copies of 0.1 is not n * 0.1: a plain mean leaves a variance of ~1e-33, which
+    # eps = 0 turns into invstd ~1e16 and y = +-1 noise).
+    k = x64[tuple(slice(None) if i == axis else 0 for i in range(x64.ndim))]
+    k = np.where(np.isfinite(k), k, 0.0).reshape(shape)
+    mean = (k + (x64 - k).mean(axis=red, keepdims=True)).reshape(-1)
     centered = x64 - mean.reshape(shape)
     var = (centered * centered).mean(axis=red)  # biased; two-pass
     invstd = _invstd(var, eps)
@@ -108,6 +116,7 @@ def batch_norm_forward(x, weight=None, bias=None, *, eps=1e-5, axis=1, running_m
     return y, mean, invstd
 
 
+@np.errstate(invalid="ignore", divide="ignore", over="ignore")  # NaN, inf: as the kernels
 def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, training=False,
                momentum=0.1, eps=1e-5, *, axis=1, backend=None):
     """Batch normalization with ``torch.nn.functional.batch_norm``'s semantics, in float64.
@@ -158,6 +167,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     return (x64 - rm.astype(np.float64).reshape(shape)) * (invstd * w).reshape(shape) + b.reshape(shape)
 
 
+@np.errstate(invalid="ignore", divide="ignore", over="ignore")  # NaN, inf: as the kernels
 def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *, axis=1, backend=None):
     """Gradient of training-mode batch normalization, in float64.
 

@@ -304,6 +304,63 @@ def test_constant_channel_eps0(backend, dtype):
     assert np.all(dx[:, 1, :] == 0) and np.all(np.isfinite(dx))
 
 
+@pytest.mark.parametrize("api", ["cpu", "reference", "fastbn.reference"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, axis", [((6, 3, 2), 1), ((50000, 3), 1), ((4, 5, 6, 3), -1),
+                                         ((4, 3, 100, 100), 1)], ids=str)
+def test_constant_feature_is_exact(api, dtype, shape, axis):
+    """The rule for a constant feature, in every dtype, on both sides of the serial size,
+    in both layout families and in the float64 oracle: its mean is its value and its
+    variance exactly 0, so invstd = 0 with eps = 0 (y = bias, dx = 0) and 1/sqrt(eps)
+    otherwise. Checked against those exact values (0.1 has no exact float64 sum: a plain
+    mean once gave invstd ~1e16 and y = +-1 here, in the kernels and the oracle alike)."""
+    mod = fastbn.reference if api == "fastbn.reference" else fastbn
+    kw = {} if api == "fastbn.reference" else {"backend": api}
+    x = np.random.default_rng(1).standard_normal(shape).astype(dtype)
+    c = shape[axis]
+    idx = [slice(None)] * len(shape)
+    idx[axis] = 1
+    x[tuple(idx)] = 0.1
+    v = float(np.asarray(0.1, dtype))
+    b = np.linspace(-0.5, 0.5, c).astype(_stats_dtype(dtype))
+    rm, rv = np.zeros(c, np.float64), np.ones(c, np.float64)
+    y, mean, invstd = mod.batch_norm_forward(x, bias=b, eps=0.0, axis=axis, running_mean=rm,
+                                             running_var=rv, momentum=1.0, **kw)
+    assert mean[1] == v and invstd[1] == 0 and rm[1] == v and rv[1] == 0
+    assert np.all(y[tuple(idx)] == np.asarray(b[1], dtype=y.dtype))
+    assert np.all(np.isfinite(y))
+    dx, dw, _ = mod.batch_norm_backward(np.ones_like(x), x, mean, invstd, axis=axis, **kw)
+    assert np.all(dx[tuple(idx)] == 0) and dw[1] == 0
+    _, _, invstd = mod.batch_norm_forward(x, eps=1e-5, axis=axis, **kw)
+    assert invstd[1] == np.asarray(1 / np.sqrt(1e-5), invstd.dtype)
+
+
+@pytest.mark.parametrize("backend", NUMPY_BACKENDS)
+@pytest.mark.parametrize("shape", [(64, 3), (100000, 3)], ids=["serial", "parallel"])
+def test_infinities_match_torch(backend, shape):
+    """+inf in a feature: mean +inf, variance NaN (inf - inf), outputs NaN, running_mean
+    +inf and running_var NaN, as torch computes; +inf and -inf: mean NaN. Other features
+    are unaffected. The same on every path (the parallel merges once gave a NaN mean)."""
+    torch = pytest.importorskip("torch")
+    x = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+    x[0, 0] = x[-1, 0] = np.inf
+    x[1, 1], x[-2, 1] = np.inf, -np.inf
+    rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    y, mean, invstd = fastbn.batch_norm_forward(x, running_mean=rm, running_var=rv, backend=backend)
+    trm, trv = torch.zeros(3), torch.ones(3)
+    ty = torch.nn.functional.batch_norm(torch.from_numpy(x), trm, trv, training=True).numpy()
+    assert mean[0] == np.inf and np.isnan(mean[1]) and np.isfinite(mean[2])
+    assert np.isnan(invstd[0]) and np.isnan(invstd[1])
+    np.testing.assert_array_equal(rm[:2], trm.numpy()[:2])  # inf, NaN: equal as NaN patterns
+    np.testing.assert_array_equal(rv[:2], trv.numpy()[:2])
+    assert np.all(np.isnan(y[:, :2])) and np.all(np.isnan(ty[:, :2]))
+    # the finite feature: the forward bound 8 u (1 + r + |xhat|) against the float64 oracle
+    yr = fastbn.reference.batch_norm_forward(x[:, 2:])[0][:, 0]
+    r = abs(x[:, 2].mean()) / x[:, 2].std()
+    tol = 8 * unit_roundoff(np.float32) * (1 + r + np.abs(yr))
+    np.testing.assert_array_less(np.abs(y[:, 2] - yr), tol)
+
+
 @pytest.mark.parametrize("backend", NUMPY_BACKENDS)
 def test_nan_propagates(backend):
     x = np.random.default_rng(2).standard_normal((5, 2)).astype(np.float32)

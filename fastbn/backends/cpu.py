@@ -170,7 +170,13 @@ _EW = {"contract"}  # elementwise: multiply-add fusion only
 
 @njit(**_OPTS)
 def _chan(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
-    """Merge two (count, mean, M2) summaries with Chan's formula."""
+    """Merge two (count, mean, M2) summaries with Chan's formula.
+
+    Equal means merge exactly (a constant feature keeps its value). When the difference
+    of the means is not finite (an infinite mean, or finite means whose difference
+    overflows), ``mean_a + d * f`` would give inf - inf = NaN for an infinite ``mean_a``:
+    the weighted average is used instead, which gives +-inf, or NaN for opposite
+    infinities, as a sum over all the values would."""
     if n_a == 0:
         return n_b, mean_b, m2_b
     if n_b == 0:
@@ -178,7 +184,27 @@ def _chan(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
     n = n_a + n_b
     f = n_b / n
     d = mean_b - mean_a
-    return n, mean_a + d * f, m2_a + m2_b + d * d * n_a * f
+    if abs(d) < np.inf:
+        mean = mean_a + d * f
+    else:
+        mean = mean_a * (n_a / n) + mean_b * f
+    return n, mean, m2_a + m2_b + d * d * n_a * f
+
+
+@njit(**_OPTS)
+def _shift(v):
+    """The shift of the shifted-data sums: a value of the data if it is finite, else 0.
+
+    Statistics sum ``x - K`` with ``K`` one of the values summed: a constant feature then
+    sums exact zeros, so its mean is ``K`` and its variance 0 exactly in every dtype (a
+    plain float64 sum of n copies of 0.1 is not n * 0.1, and would leave a variance of
+    about 1e-33 that eps = 0 turns into invstd 1e16). The sums of deviations from a value
+    of the data are also smaller than the sums of the values, so their rounding no longer
+    grows with |mean|. An infinite or NaN K would make x - K NaN for every x; K = 0 (the
+    plain sum) keeps NumPy's and torch's results: +-inf means for data with infinities of
+    one sign, NaN otherwise."""
+    v = np.float64(v)
+    return v if abs(v) < np.inf else 0.0
 
 
 @njit(**_OPTS)
@@ -215,10 +241,11 @@ def _finish(mean64, m2, n, w, b, eps, mean_out, var_out, invstd_out, alpha, beta
 
 
 @njit(fastmath=_RED, **_OPTS)
-def _sum(xf, i0, i1):
+def _sum(xf, i0, i1, k):
+    """sum(x[i0:i1] - k) (see :func:`_shift`)."""
     s = 0.0
     for i in range(np.uint64(i0), np.uint64(i1)):
-        s += ld(xf[i])
+        s += ld(xf[i]) - k
     return s
 
 
@@ -282,6 +309,8 @@ def _cf_stats(xf, C, B, c, m0, m1):
     b0 = m0
     while b0 < m1:
         b1 = min(b0 + blk, m1)
+        a = b0 // B
+        k = _shift(ld(xf[(a * C + c) * B + b0 - a * B]))  # the block's first value
         s = 0.0
         m = b0
         while m < b1:
@@ -289,10 +318,10 @@ def _cf_stats(xf, C, B, c, m0, m1):
             j = m - a * B
             e = min(b1 - m, B - j)
             base = (a * C + c) * B + j
-            s += _sum(xf, base, base + e)
+            s += _sum(xf, base, base + e, k)
             m += e
         nb = np.float64(b1 - b0)
-        bm = s / nb
+        bm = k + s / nb
         q = 0.0
         m = b0
         while m < b1:
@@ -385,24 +414,28 @@ def _bcoef(sdy, sdyx, mu, inv, w, M):
 
 
 @njit(fastmath=_EW, **_OPTS)
-def _acc_row(xf, o, s, n):
-    """s[:n] += xf[o:o + n]"""
+def _acc_row(xf, o, kw, s, n):
+    """s[:n] += xf[o:o + n] - kw[:n] (per-column shifts, see :func:`_shift`)"""
     u = np.uint64(o)
     for j in range(np.uint64(n)):
-        s[j] += ld(xf[u + j])
+        s[j] += ld(xf[u + j]) - kw[j]
 
 
 @njit(fastmath=_EW, **_OPTS)
-def _acc_rows4(xf, o, st, s, n):
-    """s[:n] += the n values at o, o + st, o + 2 st, o + 3 st (four rows per load of s)."""
+def _acc_rows4(xf, o, st, kw, s, n):
+    """s[:n] += the n values at o, o + st, o + 2 st, o + 3 st, each minus kw[:n] (four
+    rows per load of s)."""
     u0 = np.uint64(o)
     u1 = np.uint64(o + st)
     u2 = np.uint64(o + 2 * st)
     u3 = np.uint64(o + 3 * st)
     for j in range(np.uint64(n)):
-        s[j] += (np.float64(ld(xf[u0 + j])) + np.float64(ld(xf[u1 + j]))) + (
-            np.float64(ld(xf[u2 + j])) + np.float64(ld(xf[u3 + j]))
-        )
+        # (x0 + x1) + (x2 + x3) - 4k: exact zero for a constant column (2v, 4v and 4k are
+        # exact), one subtraction per four values
+        s[j] += (
+            (np.float64(ld(xf[u0 + j])) + np.float64(ld(xf[u1 + j])))
+            + (np.float64(ld(xf[u2 + j])) + np.float64(ld(xf[u3 + j])))
+        ) - 4.0 * kw[j]
 
 
 @njit(fastmath=_EW, **_OPTS)
@@ -434,8 +467,10 @@ def _merge_cols(mo, qo, j0, s, q, n, f, h):
     """Chan merge of a block's column (mean s, M2 q) into (mo, qo)[j0:j0 + n]."""
     u = np.uint64(j0)
     for j in range(np.uint64(n)):
-        d = s[j] - mo[u + j]
-        mo[u + j] += d * f
+        m = mo[u + j]
+        d = s[j] - m
+        # as _chan: the weighted average where d is not finite (a branch-free select)
+        mo[u + j] = m + d * f if abs(d) < np.inf else m * (1.0 - f) + s[j] * f
         qo[u + j] += q[j] + d * d * h
 
 
@@ -467,6 +502,7 @@ def _rows_stats(xf, base, stride, wd, r0, r1, mo, qo):
     cwm, rb = _tile(wd)
     s = np.empty(cwm)
     q = np.empty(cwm)
+    kw = np.empty(cwm)
     n = 0.0
     for b0 in range(r0, r1, rb):
         b1 = min(b0 + rb, r1)
@@ -475,18 +511,20 @@ def _rows_stats(xf, base, stride, wd, r0, r1, mo, qo):
         h = n * f
         for j0 in range(0, wd, cwm):
             cw = min(cwm, wd - j0)
+            o0 = base + b0 * stride + j0
             for j in range(cw):
                 s[j] = 0.0
                 q[j] = 0.0
+                kw[j] = _shift(ld(xf[o0 + j]))  # each column's value in the block's first row
             r = b0
             while four and r + 4 <= b1:
-                _acc_rows4(xf, base + r * stride + j0, stride, s, cw)
+                _acc_rows4(xf, base + r * stride + j0, stride, kw, s, cw)
                 r += 4
             while r < b1:
-                _acc_row(xf, base + r * stride + j0, s, cw)
+                _acc_row(xf, base + r * stride + j0, kw, s, cw)
                 r += 1
             for j in range(cw):
-                s[j] /= nb  # a division: the mean of a constant column is exact
+                s[j] = kw[j] + s[j] / nb
             r = b0
             while four and r + 4 <= b1:
                 _sqdev_rows4(xf, base + r * stride + j0, stride, s, q, cw)
@@ -602,12 +640,13 @@ def _fold(mo, qo, CB, B, k, c, n):
     """(mean, M2) of channel c from its k*B columns J = g*CB + c*B + j of a view, each
     column summarizing n values: mean of means, M2 = sum(M2) + n * sum((mean_J - mean)**2)."""
     cnt = k * B
+    sh = _shift(mo[c * B])  # shifted like the data sums: equal column means stay exact
     s = 0.0
     for g in range(k):
         o = g * CB + c * B
         for j in range(B):
-            s += mo[o + j]
-    mu = s / cnt
+            s += mo[o + j] - sh
+    mu = sh + s / cnt
     q = 0.0
     d2 = 0.0
     for g in range(k):
@@ -748,15 +787,15 @@ def _merge_parts(pm, pq, rows, tm, tq, Rt, C, B, k, mean64, m2):
 
 
 @njit(**_OPTS)
-def _rows_sum(xf, base, stride, wd, r0, r1, s):
-    """s[:wd] += column sums over rows [r0, r1) of the view."""
+def _rows_sum(xf, base, stride, wd, r0, r1, kw, s):
+    """s[:wd] += column sums of (x - kw[J]) over rows [r0, r1) of the view."""
     four = _four(xf, stride)
     r = r0
     while four and r + 4 <= r1:
-        _acc_rows4(xf, base + r * stride, stride, s, wd)
+        _acc_rows4(xf, base + r * stride, stride, kw, s, wd)
         r += 4
     while r < r1:
-        _acc_row(xf, base + r * stride, s, wd)
+        _acc_row(xf, base + r * stride, kw, s, wd)
         r += 1
 
 
@@ -781,11 +820,12 @@ def _serial_stats(xf, A, C, B, mean64, m2):
     M = A * B
     if B >= _SHORT:
         for c in range(C):
+            k = _shift(ld(xf[c * B]))  # the channel's first value
             s = 0.0
             for a in range(A):
                 o = (a * C + c) * B
-                s += _sum(xf, o, o + B)
-            mu = s / M
+                s += _sum(xf, o, o + B, k)
+            mu = k + s / M
             q = 0.0
             for a in range(A):
                 o = (a * C + c) * B
@@ -798,19 +838,23 @@ def _serial_stats(xf, A, C, B, mean64, m2):
     W = k * CB
     R = A // k
     Rt = A - R * k
+    ks = np.empty(C)  # per-channel shifts: each channel's first value
+    for c in range(C):
+        ks[c] = _shift(ld(xf[c * B]))
     if W == C:  # plain rows of channels: columns are channels
         mean64[:] = 0.0
-        _rows_sum(xf, 0, C, C, 0, A, mean64)
+        _rows_sum(xf, 0, C, C, 0, A, ks, mean64)
         for c in range(C):
-            mean64[c] /= M
+            mean64[c] = ks[c] + mean64[c] / M
         m2[:] = 0.0
         _rows_sqdev(xf, 0, C, C, 0, A, mean64, m2)
         return
+    kw = _expand(ks, CB, B, W)
     acc = np.zeros(W)
-    _rows_sum(xf, 0, W, W, 0, R, acc)
-    _rows_sum(xf, R * W, CB, CB, 0, Rt, acc)  # tail rows: columns [0, CB) map alike
+    _rows_sum(xf, 0, W, W, 0, R, kw, acc)
+    _rows_sum(xf, R * W, CB, CB, 0, Rt, kw, acc)  # tail rows: columns [0, CB) map alike
     for c in range(C):
-        mean64[c] = _fold_sum(acc, CB, B, k, c) / M
+        mean64[c] = ks[c] + _fold_sum(acc, CB, B, k, c) / M
     mw = _expand(mean64, CB, B, W)
     acc[:] = 0.0
     _rows_sqdev(xf, 0, W, W, 0, R, mw, acc)

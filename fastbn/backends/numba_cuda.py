@@ -108,13 +108,20 @@ def kernels(acc_name: str) -> dict:
 
     @device
     def merge(mean, m2, n, mean_b, m2_b, n_b):
-        # Chan et al.: returns the merged (mean, m2, n); exact for empty sides.
+        # Chan et al.: returns the merged (mean, m2, n); exact for empty sides and for
+        # equal means. Where the difference of the means is not finite (an infinite
+        # mean), mean + delta * fb would be inf - inf = NaN: the weighted average gives
+        # +-inf (NaN for opposite infinities), as a sum does.
         nn = n + n_b
         if nn == 0:
             return mean, m2, n
         delta = mean_b - mean
         fb = acc(n_b) / acc(nn)
-        return mean + delta * fb, m2 + m2_b + delta * delta * acc(n) * fb, nn
+        if math.isfinite(delta):
+            mm = mean + delta * fb
+        else:
+            mm = mean * (acc(1) - fb) + mean_b * fb
+        return mm, m2 + m2_b + delta * delta * acc(n) * fb, nn
 
     @device
     def merge_d(mean, m2, n, mean_b, m2_b, n_b):
@@ -123,7 +130,23 @@ def kernels(acc_name: str) -> dict:
             return mean, m2, n
         delta = mean_b - mean
         fb = np.float64(n_b) / np.float64(nn)
-        return mean + delta * fb, m2 + m2_b + delta * delta * np.float64(n) * fb, nn
+        if math.isfinite(delta):
+            mm = mean + delta * fb
+        else:
+            mm = mean * (1.0 - fb) + mean_b * fb
+        return mm, m2 + m2_b + delta * delta * np.float64(n) * fb, nn
+
+    @device
+    def welford(mean, m2, n, v):
+        # One value into a Welford state; infinities as in merge.
+        n += 1
+        d = v - mean
+        if math.isfinite(d):
+            mean += d / acc(n)
+        else:
+            mean = mean * (acc(n - 1) / acc(n)) + v / acc(n)
+        m2 += d * (v - mean)
+        return mean, m2, n
 
     @device
     def tree_merge(s_mean, s_m2, s_n, slot, stride, h0, mean, m2, n, lead):
@@ -183,11 +206,7 @@ def kernels(acc_name: str) -> dict:
                 base = (a * C + c) * B + b0
                 i = tid
                 while i < ln:
-                    v = acc(x[base + i])
-                    n += 1
-                    d = v - mean
-                    mean += d / acc(n)
-                    m2 += d * (v - mean)
+                    mean, m2, n = welford(mean, m2, n, acc(x[base + i]))
                     i += nt
                 t += cuda.gridDim.x
             mean, m2, n = tree_merge(s_mean, s_m2, s_n, tid, 1, nt // 2, mean, m2, n, tid)
@@ -216,11 +235,7 @@ def kernels(acc_name: str) -> dict:
             stride = cuda.gridDim.y * by
             a = cuda.blockIdx.y * by + ty
             while a < A:
-                v = acc(x[a * cols + col])
-                n += 1
-                d = v - mean
-                mean += d / acc(n)
-                m2 += d * (v - mean)
+                mean, m2, n = welford(mean, m2, n, acc(x[a * cols + col]))
                 a += stride
         mean, m2, n = tree_merge(s_mean, s_m2, s_n, ty * bx + tx, bx, by // 2, mean, m2, n, ty)
         if ty == 0 and col < cols:

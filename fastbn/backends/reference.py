@@ -22,16 +22,19 @@ def available():
 
 
 def _invstd(var, eps):
+    """1 / sqrt(var + eps); 0 where var + eps == 0 (torch's rule); NaN stays NaN."""
     denom = var + eps
-    safe = np.where(denom > 0, denom, 1.0)
-    return np.where(denom > 0, 1.0 / np.sqrt(safe), 0.0)
+    return np.where(denom == 0, 0.0, 1.0 / np.sqrt(np.where(denom == 0, 1.0, denom)))
 
 
+@np.errstate(invalid="ignore", divide="ignore", over="ignore")  # NaN, inf: as the kernels
 def forward_train(x3, weight, bias, eps):
     """Batch statistics and normalized output (see the backend contract)."""
     sd = stats_dtype(x3.dtype)
     x = x3.astype(np.float64)
-    mean = x.mean(axis=(0, 2))
+    k = x[0, :, 0]  # shifted data: mean = k + mean(x - k), see fastbn.reference
+    k = np.where(np.isfinite(k), k, 0.0)
+    mean = k + (x - k[None, :, None]).mean(axis=(0, 2))
     centered = x - mean[None, :, None]
     var = (centered * centered).mean(axis=(0, 2))
     invstd = _invstd(var, eps)
@@ -40,6 +43,7 @@ def forward_train(x3, weight, bias, eps):
     return y.astype(x3.dtype), mean.astype(sd), var.astype(sd), invstd.astype(sd)
 
 
+@np.errstate(invalid="ignore", divide="ignore", over="ignore")  # NaN, inf: as the kernels
 def forward_eval(x3, mean, var, weight, bias, eps):
     """Normalize with given statistics (see the backend contract)."""
     alpha = _invstd(var.astype(np.float64), eps) * weight.astype(np.float64)
@@ -48,6 +52,7 @@ def forward_eval(x3, mean, var, weight, bias, eps):
     return y.astype(x3.dtype)
 
 
+@np.errstate(invalid="ignore", divide="ignore", over="ignore")  # NaN, inf: as the kernels
 def backward(dy3, x3, mean, invstd, weight):
     """Gradient of the training-mode forward (see the backend contract)."""
     sd = stats_dtype(x3.dtype)

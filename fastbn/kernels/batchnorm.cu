@@ -120,6 +120,16 @@ __device__ __forceinline__ bool is_vec_aligned(const void* p) {
 // Welford / Chan merges
 // ------------------------------------------------------------------------------------
 
+// The merged mean: mean + delta * fb, where delta = mean_b - mean and fb = n_b / (n + n_b).
+// Where delta is not finite (an infinite mean, or finite means whose difference overflows)
+// that would give inf - inf = NaN for an infinite `mean`; the weighted average gives +-inf,
+// or NaN for opposite infinities, as a sum over all the values does (the CPU backend and
+// torch agree). Equal means merge exactly, so a constant feature keeps its value.
+template <typename F>
+__device__ __forceinline__ F merged_mean(F mean, F mean_b, F delta, F fb) {
+    return isfinite(delta) ? mean + delta * fb : mean * ((F)1 - fb) + mean_b * fb;
+}
+
 // Merge (mean_b, m2_b, n_b) into (mean, m2, n) with Chan et al.'s formula. Handles
 // empty sides exactly: n == 0 gives (mean_b, m2_b), n_b == 0 leaves the state as is.
 __device__ __forceinline__ void chan_merge(ACC& mean, ACC& m2, int& n, ACC mean_b, ACC m2_b,
@@ -128,7 +138,7 @@ __device__ __forceinline__ void chan_merge(ACC& mean, ACC& m2, int& n, ACC mean_
     if (nn == 0) return;
     const ACC delta = mean_b - mean;
     const ACC fb = (ACC)n_b / (ACC)nn;
-    mean += delta * fb;
+    mean = merged_mean(mean, mean_b, delta, fb);
     m2 += m2_b + delta * delta * (ACC)n * fb;
     n = nn;
 }
@@ -141,16 +151,16 @@ __device__ __forceinline__ void chan_merge_d(double& mean, double& m2, i64& n, d
     if (nn == 0) return;
     const double delta = mean_b - mean;
     const double fb = (double)n_b / (double)nn;
-    mean += delta * fb;
+    mean = merged_mean(mean, mean_b, delta, fb);
     m2 += m2_b + delta * delta * (double)n * fb;
     n = nn;
 }
 
-// One new value (classic Welford update).
+// One new value (classic Welford update; infinities as in merged_mean).
 __device__ __forceinline__ void welford_add(ACC& mean, ACC& m2, int& n, ACC v) {
     n += 1;
     const ACC d = v - mean;
-    mean += d / (ACC)n;
+    mean = isfinite(d) ? mean + d / (ACC)n : mean * ((ACC)(n - 1) / (ACC)n) + v / (ACC)n;
     m2 += d * (v - mean);
 }
 
@@ -330,11 +340,16 @@ __device__ __forceinline__ void stats_cl(const T* __restrict__ x, i64 A, int col
             const ACC fa = (ACC)n * fb;
 #pragma unroll
             for (int j = 0; j < VEC; ++j) {
+                // the pair's mean r0 + h and M2 2 h^2; with an infinity in the pair h is not
+                // finite: its mean is then (r0 + r1) / 2 (+-inf, or NaN for opposite
+                // infinities) and its M2 NaN (inf - inf), as for welford_add
                 const ACC h = (r1[j] - r0[j]) * (ACC)0.5;
-                const ACC pm = r0[j] + h;
+                const bool fin = isfinite(h);
+                const ACC pm = fin ? r0[j] + h : (r0[j] + r1[j]) * (ACC)0.5;
+                const ACC q = fin ? (ACC)2 * h * h : h * (ACC)0;
                 const ACC delta = pm - mean[j];
-                mean[j] += delta * fb;
-                m2[j] += (ACC)2 * h * h + delta * delta * fa;
+                mean[j] = merged_mean(mean[j], pm, delta, fb);
+                m2[j] += q + delta * delta * fa;
             }
             n = nn;
         }
@@ -345,7 +360,7 @@ __device__ __forceinline__ void stats_cl(const T* __restrict__ x, i64 A, int col
             for (int j = 0; j < VEC; ++j) {
                 const ACC v = to_acc(x[a * cols + col0 + j]);
                 const ACC d = v - mean[j];
-                mean[j] += d * r;
+                mean[j] = merged_mean(mean[j], v, d, r);
                 m2[j] += d * (v - mean[j]);
             }
         }

@@ -323,16 +323,49 @@ def test_large_mean_offset(shape, dtype, offset):
         assert np.all(limit < U64 * offset**2 / 10)
 
 
+SPLIT_SHAPES = [
+    (1, 1, 100000),  # one channel: ranges of a channel, merged with Chan's formula
+    (2, 3, 40000),  # fewer channels than threads * 2
+    (5, 8, 3000),
+    (64, 4, 257),  # channel groups (of 3 or 1) or row ranges, by thread count
+    (10, 50, 200),
+    (50003, 3, 1),  # channels-last, row ranges, k = 32 with 19 tail rows
+    (3000, 100, 1),
+    (4, 20000, 1),  # channels-last, wide: column groups
+]
+
+
+# One shape per path of the statistics (see the module docstring of fastbn.backends.cpu):
+# serial runs, serial rows of channels, serial wide rows with a tail; parallel runs of
+# whole channels, runs split into ranges, channel groups, row ranges of wide rows with a
+# tail, and rows of channels (at 2 threads; SPLIT_SHAPES cover other counts).
+PATH_SHAPES = [
+    (3, 3, 40),  # serial, runs of >= _SHORT values
+    (9, 3, 1),  # serial, rows of channels
+    (7, 3, 5),  # serial, wide rows and a tail
+    (2, 8, 6000),  # parallel, whole channels per thread
+    (40, 3, 1000),  # parallel, channel ranges merged with Chan's formula
+    (64, 8, 257),  # parallel, channel groups
+    (50003, 3, 1),  # parallel, row ranges of wide rows, 19 tail rows
+    (3000, 100, 1),  # parallel, row ranges of rows of channels
+    (64, 4096, 1),  # parallel, channel groups of channels-last columns
+]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.__name__)
-@pytest.mark.parametrize(
-    "shape", [(4, 3, 5), (9, 3, 1), (40, 3, 1000), (30000, 3, 1)], ids=str
-)
-def test_constant_channel_eps_zero(shape, dtype):
-    """var + eps == 0 gives invstd 0 (torch's convention): y = bias, dx = 0, dweight = 0."""
+@pytest.mark.parametrize("value", [2.5, 0.1, -12345.6789], ids=["2.5", "0.1", "-12345.6789"])
+@pytest.mark.parametrize("shape", PATH_SHAPES, ids=str)
+def test_constant_channel_eps_zero(shape, value, dtype):
+    """A constant feature has mean = its value and variance 0 exactly, so with eps = 0
+    invstd = 0 (torch's convention) and y = bias, dx = 0, dweight = 0 exactly: checked
+    against these exact values, not a reference. 0.1 is the hard case: no float64 sum of
+    n copies of it equals n * 0.1, and a plain mean leaves a variance of ~1e-33 (invstd
+    ~1e16, y = +-1 noise). The other channels stay normal."""
     x, w, b, dy = make(shape, dtype)
-    x[:, 1, :] = 2.5
+    v = dtype(value)
+    x[:, 1, :] = v
     y, mean, var, inv = cpu.forward_train(x, w, b, 0.0)
-    assert mean[1] == 2.5 and var[1] == 0.0 and inv[1] == 0.0
+    assert mean[1] == np.float64(v) and var[1] == 0.0 and inv[1] == 0.0
     np.testing.assert_array_equal(y[:, 1, :], np.full_like(y[:, 1, :], b[1]))
     assert np.all(np.isfinite(y))
     ye = cpu.forward_eval(x, mean, var, w, b, 0.0)
@@ -344,6 +377,10 @@ def test_constant_channel_eps_zero(shape, dtype):
         dy[:, 1, :].astype(np.float64).sum(),
         rtol=1e-3 if dtype == np.float16 else 1e-6,
     )
+    # with eps > 0 the variance is still exactly 0: invstd = 1/sqrt(eps)
+    _, mean2, var2, inv2 = cpu.forward_train(x, w, b, 1e-5)
+    assert mean2[1] == np.float64(v) and var2[1] == 0.0
+    assert inv2[1] == inv2.dtype.type(1.0 / np.sqrt(1e-5))
     # the other channels are normal
     keep = [0, 2]
     check_forward_train(
@@ -353,6 +390,62 @@ def test_constant_channel_eps_zero(shape, dtype):
         0.0,
         (y[:, keep, :], mean[keep], var[keep], inv[keep]),
     )
+
+
+@pytest.mark.parametrize("threads", [1, 3, 8])
+@pytest.mark.parametrize("shape", SPLIT_SHAPES, ids=str)
+def test_constant_channel_every_split(shape, threads):
+    """Every merge of partial statistics keeps a constant channel exact."""
+    x, w, b, _ = make(shape, np.float64)
+    x[:, 0, :] = 0.1
+    _, mean, var, inv = cpu._ft_parallel(x, w, b, 0.0, threads, np.empty_like(x))
+    assert mean[0] == 0.1 and var[0] == 0.0 and inv[0] == 0.0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: d.__name__)
+@pytest.mark.parametrize("shape", PATH_SHAPES, ids=str)
+def test_infinities(shape, dtype):
+    """Infinities give what a sum over all the values gives, on every path (NumPy's and
+    torch's answer): +inf values make the mean +inf, +inf and -inf make it NaN; the
+    variance of a channel with an infinity is NaN (inf - inf), and so are its invstd and
+    outputs. Other channels are unaffected. (The serial path always did this; merges of
+    partial means used to compute inf - inf = NaN for the mean too.)"""
+    x, w, b, _ = make(shape, dtype)
+    x[0, 0, 0] = np.inf  # first value: also the shift of the first block
+    x[-1, 0, -1] = np.inf  # last value: another block, range or thread
+    x[x.shape[0] // 2, 1, 0] = np.inf
+    x[-1, 1, -1] = -np.inf
+    _, mean, var, inv = cpu.forward_train(x, w, b, 1e-5)
+    with np.errstate(invalid="ignore"):
+        expect_mean = x.astype(np.float64).mean(axis=(0, 2))
+    assert mean[0] == np.inf and np.isnan(mean[1]) and expect_mean[0] == np.inf
+    assert np.isnan(var[0]) and np.isnan(var[1]) and np.isnan(inv[0])
+    keep = [2]
+    y, mean, var, inv = cpu.forward_train(x, w, b, 1e-5)
+    assert np.all(np.isnan(y[:, :2, :]))
+    check_forward_train(x[:, keep, :].copy(), w[keep], b[keep], 1e-5,
+                        (y[:, keep, :], mean[keep], var[keep], inv[keep]))
+
+
+@pytest.mark.parametrize("threads", [1, 3, 8])
+@pytest.mark.parametrize("shape", SPLIT_SHAPES, ids=str)
+def test_infinity_every_split(shape, threads):
+    x, w, b, _ = make(shape, np.float32)
+    x[-1, 0, -1] = np.inf  # in the last range: merged into finite partial means
+    _, mean, var, _ = cpu._ft_parallel(x, w, b, 1e-5, threads, np.empty_like(x))
+    assert mean[0] == np.inf and np.isnan(var[0])
+
+
+def test_merges_of_huge_means_do_not_overflow():
+    """Finite partial means of opposite sign whose difference overflows merge to the right
+    mean (within the summation bound e = G max|x| of check_forward_train), not NaN."""
+    x = np.empty((4, 1, 40000))
+    x[:2] = 1.5e308
+    x[2:] = -1.5e308
+    w, b = np.ones(1), np.zeros(1)
+    _, mean, var, _ = cpu._ft_parallel(x, w, b, 1e-5, 2, np.empty_like(x))
+    assert abs(mean[0]) <= growth(x.size) * 1.5e308
+    assert var[0] == np.inf  # the true variance, 2.25e616, overflows
 
 
 @pytest.mark.parametrize(
@@ -383,16 +476,6 @@ def test_nan_propagates(shape):
 # Parallel paths
 # ----------------------------------------------------------------------------------
 
-SPLIT_SHAPES = [
-    (1, 1, 100000),  # one channel: ranges of a channel, merged with Chan's formula
-    (2, 3, 40000),  # fewer channels than threads * 2
-    (5, 8, 3000),
-    (64, 4, 257),  # channel groups (of 3 or 1) or row ranges, by thread count
-    (10, 50, 200),
-    (50003, 3, 1),  # channels-last, row ranges, k = 32 with 19 tail rows
-    (3000, 100, 1),
-    (4, 20000, 1),  # channels-last, wide: column groups
-]
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 8])

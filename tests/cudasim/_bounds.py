@@ -176,3 +176,35 @@ def check_backward(dy3, x3, mean, invstd, w, out):
     bounds = backward_bounds(dy3, x3, mean, invstd, w)
     for name, got in zip(("dx", "dweight", "dbias"), out):
         assert_within(name, got, *bounds[name])
+
+
+def special_case(rng, shape, dtype):
+    """Data with special features: channel 0 constant 0.1 (no exact float sum of copies of
+    it), channel 1 (if any) with +inf at its first and last value, channel 2 (if any) with
+    +inf and -inf; the others normal. Returns ``(x3, w, b)``."""
+    x3, w, b = make_case(rng, shape, dtype)
+    x3[:, 0, :] = 0.1
+    if shape[1] > 1:
+        x3[0, 1, 0] = x3[-1, 1, -1] = np.inf
+    if shape[1] > 2:
+        x3[0, 2, 0], x3[-1, 2, -1] = np.inf, -np.inf
+    return x3, w, b
+
+
+def check_special(x3, w, b, out):
+    """What :func:`special_case` data must give with eps = 0, as on the CPU and in torch:
+    the constant channel has its value as mean, variance and invstd exactly 0 and outputs
+    exactly b; an infinity of one sign gives mean +-inf and variance NaN; infinities of both
+    signs give a NaN mean; the normal channels are within the bounds."""
+    y, mean, var, invstd = (np.asarray(a) for a in out)
+    v0 = np.asarray(np.asarray(0.1, x3.dtype), mean.dtype)
+    assert mean[0] == v0 and var[0] == 0 and invstd[0] == 0, (mean[0], var[0], invstd[0])
+    np.testing.assert_array_equal(y[:, 0], np.asarray(b[0], y.dtype))
+    if x3.shape[1] > 1:
+        assert mean[1] == np.inf and np.isnan(var[1]), (mean[1], var[1])
+    if x3.shape[1] > 2:
+        assert np.isnan(mean[2]), mean[2]
+    rest = list(range(3, x3.shape[1]))
+    if rest:
+        check_forward(x3[:, rest].copy(), w[rest], b[rest], 0.0,
+                      (y[:, rest], mean[rest], var[rest], invstd[rest]))

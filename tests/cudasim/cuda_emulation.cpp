@@ -27,6 +27,8 @@
 #include <utility>
 #include <vector>
 
+using std::isfinite;  // CUDA device code has isfinite for float and double
+
 struct dim3 {
     unsigned x = 1, y = 1, z = 1;
 };

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from _bounds import check_backward, check_forward, make_case
+from _bounds import check_backward, check_forward, check_special, make_case, special_case
 from _fake_cupy import FakeArray, FakeDevice, make_fake_cupy, to_fake
 
 HERE = Path(__file__).resolve().parent
@@ -199,3 +199,14 @@ def test_constant_channel_eps0(cupy_raw):
     y, mean, var, invstd = cupy_raw.forward_train(to_fake(x3), to_fake(w), to_fake(b), 0.0)
     assert var[0] == 0 and invstd[0] == 0 and mean[0] == 3.5
     assert (np.asarray(y)[:, 0] == np.float32(0.25)).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("case", [c for c in SHAPES if c != "M1"])
+def test_constant_and_infinite_features(cupy_raw, case, dtype):
+    """Every launch plan: a constant 0.1 feature is exact, infinities give +-inf or NaN
+    means (merging an infinite partial mean once gave NaN: inf - inf)."""
+    rng = np.random.default_rng(zlib.crc32(f"special-{case}".encode()))
+    x3, w, b = special_case(rng, SHAPES[case], dtype)
+    out = cupy_raw.forward_train(to_fake(x3), to_fake(w), to_fake(b), 0.0)
+    check_special(x3, w, b, out)

@@ -26,8 +26,8 @@ from hypothesis import strategies as st
 from fastbn.backends import _cuda_shim
 from fastbn.backends import numba_cuda as nc
 
-from _bounds import (K, acc_u, check_backward, check_forward, make_case,  # noqa: E402
-                     ref_forward)
+from _bounds import (K, acc_u, check_backward, check_forward, check_special,  # noqa: E402
+                     make_case, ref_forward, special_case)
 
 pytestmark = pytest.mark.cudasim
 
@@ -116,6 +116,16 @@ def test_constant_channel_eps0_gives_invstd_zero():
     assert invstd[1] > 0
     ye = nc._forward_eval(x3, mean, var, w, b, 0.0, **SIM)
     np.testing.assert_array_equal(ye[:, 0], np.float32(0.25))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("case", [c for c in SHAPES if c not in ("M1", "cl-C1")])
+def test_constant_and_infinite_features(case, dtype):
+    """Every launch plan: a constant 0.1 feature is exact, infinities give +-inf or NaN
+    means (Welford updates and merges once turned an infinite mean into NaN)."""
+    rng = np.random.default_rng(zlib.crc32(f"special-{case}".encode()))
+    x3, w, b = special_case(rng, SHAPES[case], dtype)
+    check_special(x3, w, b, nc._forward_train(x3, w, b, 0.0, **SIM))
 
 
 def test_forward_eval_running_stats():
