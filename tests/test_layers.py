@@ -573,3 +573,24 @@ def test_matches_torch_batchnorm2d(momentum, dtype):
     x = _x(9).astype(dtype)
     np.testing.assert_allclose(bn(x), ref(torch.tensor(x)).detach().numpy(), rtol=0,
                                atol=256 * u * 8)
+
+
+def test_float16_running_stats_and_input():
+    """Running statistics replaced by float16 arrays keep their dtype and are updated in
+    float64, rounded once (as the functional API does); float16 input works in both modes."""
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((32, 3, 4)) * 2 + 1).astype(np.float16)
+    bn = fastbn.BatchNorm(3)
+    bn.running_mean = np.zeros(3, np.float16)
+    bn.running_var = np.ones(3, np.float16)
+    ref = fastbn.BatchNorm(3, dtype="float64")
+    for _ in range(3):
+        bn(x)
+        ref(x)
+        assert bn.running_mean.dtype == np.float16 and bn.running_var.dtype == np.float16
+        np.testing.assert_array_equal(bn.running_mean, ref.running_mean.astype(np.float16))
+        np.testing.assert_array_equal(bn.running_var, ref.running_var.astype(np.float16))
+        ref.running_mean = bn.running_mean.astype(np.float64)  # continue from the rounded
+        ref.running_var = bn.running_var.astype(np.float64)
+    y = bn.eval()(x)
+    assert y.dtype == np.float16 and np.all(np.isfinite(y))

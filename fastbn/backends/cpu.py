@@ -67,7 +67,8 @@ import math
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from .. import _buffers, _threading
 from . import (
@@ -192,19 +193,61 @@ def _chan(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 
 
 @njit(**_OPTS)
-def _shift(v):
-    """The shift of the shifted-data sums: a value of the data if it is finite, else 0.
-
-    Statistics sum ``x - K`` with ``K`` one of the values summed: a constant feature then
-    sums exact zeros, so its mean is ``K`` and its variance 0 exactly in every dtype (a
-    plain float64 sum of n copies of 0.1 is not n * 0.1, and would leave a variance of
-    about 1e-33 that eps = 0 turns into invstd 1e16). The sums of deviations from a value
-    of the data are also smaller than the sums of the values, so their rounding no longer
-    grows with |mean|. An infinite or NaN K would make x - K NaN for every x; K = 0 (the
-    plain sum) keeps NumPy's and torch's results: +-inf means for data with infinities of
-    one sign, NaN otherwise."""
+def _finite_or_zero(v):
     v = np.float64(v)
     return v if abs(v) < np.inf else 0.0
+
+
+def _shift(xf, v):
+    """The shift K of the shifted-data sums of data `xf`, given a value `v` of the data.
+
+    Statistics of float64 data sum ``x - K`` with ``K`` one of the values summed: a
+    constant feature then sums exact zeros, so its mean is ``K`` and its variance 0
+    exactly (a float64 sum of n copies of 0.1 is not n * 0.1, and would leave a variance
+    of about 1e-33 that eps = 0 turns into invstd 1e16). The sums of deviations are also
+    smaller than the sums of the values, so their rounding no longer grows with |mean|.
+    An infinite or NaN ``v`` gives K = 0 (the plain sum): x - inf would be NaN for every x,
+    while the plain sum gives NumPy's and torch's results (+-inf means for infinities of
+    one sign, NaN otherwise). For float32 and float16 data K is the constant 0 and the
+    subtractions compile away: their float64 sums of up to 2**29 copies of a value are
+    exact, so a constant feature is exact there without a shift. (``@njit`` only.)"""
+    raise NotImplementedError("_shift is only usable inside Numba-compiled code")
+
+
+def _kat(xf, kw, j):
+    """``kw[j]``, the shift of column j, for float64 data; the constant 0 otherwise (see
+    :func:`_shift`). (``@njit`` only.)"""
+    raise NotImplementedError("_kat is only usable inside Numba-compiled code")
+
+
+def _k(xf, k):
+    """`k` for float64 data, the constant 0 otherwise (see :func:`_shift`)."""
+    raise NotImplementedError("_k is only usable inside Numba-compiled code")
+
+
+def _float64_data(xf):
+    return isinstance(xf, types.Array) and xf.dtype == types.float64
+
+
+@overload(_shift)
+def _shift_impl(xf, v):
+    if _float64_data(xf):
+        return lambda xf, v: _finite_or_zero(v)
+    return lambda xf, v: 0.0
+
+
+@overload(_kat)
+def _kat_impl(xf, kw, j):
+    if _float64_data(xf):
+        return lambda xf, kw, j: kw[j]
+    return lambda xf, kw, j: 0.0
+
+
+@overload(_k)
+def _k_impl(xf, k):
+    if _float64_data(xf):
+        return lambda xf, k: k
+    return lambda xf, k: 0.0
 
 
 @njit(**_OPTS)
@@ -243,6 +286,7 @@ def _finish(mean64, m2, n, w, b, eps, mean_out, var_out, invstd_out, alpha, beta
 @njit(fastmath=_RED, **_OPTS)
 def _sum(xf, i0, i1, k):
     """sum(x[i0:i1] - k) (see :func:`_shift`)."""
+    k = _k(xf, k)
     s = 0.0
     for i in range(np.uint64(i0), np.uint64(i1)):
         s += ld(xf[i]) - k
@@ -310,7 +354,7 @@ def _cf_stats(xf, C, B, c, m0, m1):
     while b0 < m1:
         b1 = min(b0 + blk, m1)
         a = b0 // B
-        k = _shift(ld(xf[(a * C + c) * B + b0 - a * B]))  # the block's first value
+        k = _shift(xf, ld(xf[(a * C + c) * B + b0 - a * B]))  # the block's first value
         s = 0.0
         m = b0
         while m < b1:
@@ -418,7 +462,7 @@ def _acc_row(xf, o, kw, s, n):
     """s[:n] += xf[o:o + n] - kw[:n] (per-column shifts, see :func:`_shift`)"""
     u = np.uint64(o)
     for j in range(np.uint64(n)):
-        s[j] += ld(xf[u + j]) - kw[j]
+        s[j] += ld(xf[u + j]) - _kat(xf, kw, j)
 
 
 @njit(fastmath=_EW, **_OPTS)
@@ -435,7 +479,7 @@ def _acc_rows4(xf, o, st, kw, s, n):
         s[j] += (
             (np.float64(ld(xf[u0 + j])) + np.float64(ld(xf[u1 + j])))
             + (np.float64(ld(xf[u2 + j])) + np.float64(ld(xf[u3 + j])))
-        ) - 4.0 * kw[j]
+        ) - 4.0 * _kat(xf, kw, j)
 
 
 @njit(fastmath=_EW, **_OPTS)
@@ -515,7 +559,7 @@ def _rows_stats(xf, base, stride, wd, r0, r1, mo, qo):
             for j in range(cw):
                 s[j] = 0.0
                 q[j] = 0.0
-                kw[j] = _shift(ld(xf[o0 + j]))  # each column's value in the block's first row
+                kw[j] = _shift(xf, ld(xf[o0 + j]))  # the column's value in the block's first row
             r = b0
             while four and r + 4 <= b1:
                 _acc_rows4(xf, base + r * stride + j0, stride, kw, s, cw)
@@ -640,7 +684,7 @@ def _fold(mo, qo, CB, B, k, c, n):
     """(mean, M2) of channel c from its k*B columns J = g*CB + c*B + j of a view, each
     column summarizing n values: mean of means, M2 = sum(M2) + n * sum((mean_J - mean)**2)."""
     cnt = k * B
-    sh = _shift(mo[c * B])  # shifted like the data sums: equal column means stay exact
+    sh = _finite_or_zero(mo[c * B])  # shifted like the data sums: equal means stay exact
     s = 0.0
     for g in range(k):
         o = g * CB + c * B
@@ -820,7 +864,7 @@ def _serial_stats(xf, A, C, B, mean64, m2):
     M = A * B
     if B >= _SHORT:
         for c in range(C):
-            k = _shift(ld(xf[c * B]))  # the channel's first value
+            k = _shift(xf, ld(xf[c * B]))  # the channel's first value
             s = 0.0
             for a in range(A):
                 o = (a * C + c) * B
@@ -840,7 +884,7 @@ def _serial_stats(xf, A, C, B, mean64, m2):
     Rt = A - R * k
     ks = np.empty(C)  # per-channel shifts: each channel's first value
     for c in range(C):
-        ks[c] = _shift(ld(xf[c * B]))
+        ks[c] = _shift(xf, ld(xf[c * B]))
     if W == C:  # plain rows of channels: columns are channels
         mean64[:] = 0.0
         _rows_sum(xf, 0, C, C, 0, A, ks, mean64)
