@@ -29,7 +29,9 @@ public API handles empty batches itself. ``weight`` and ``bias`` are never ``Non
 ``forward_train(x3, weight, bias, eps) -> (y3, mean, var, invstd)``
     Batch statistics over axes 0 and 2 (``var`` is the *biased* variance),
     ``invstd = 1 / sqrt(var + eps)`` (0 where ``var + eps == 0``), and
-    ``y3 = (x3 - mean) * invstd * weight + bias`` in ``x3.dtype``.
+    ``y3 = (x3 - mean) * invstd * weight + bias`` in ``x3.dtype``. A constant channel has
+    ``mean`` its value and ``var`` exactly 0; infinities give the mean a sum of the values
+    gives (+-inf, NaN for both signs) and a NaN ``var`` (see docs/numerics.md).
 ``forward_eval(x3, mean, var, weight, bias, eps) -> y3``
     Normalize with given statistics (the running ones).
 ``backward(dy3, x3, mean, invstd, weight) -> (dx3, dweight, dbias)``
@@ -39,11 +41,13 @@ public API handles empty batches itself. ``weight`` and ``bias`` are never ``Non
 ``update_running_stats(running_mean, running_var, mean, var, momentum, M)`` (optional)
     torch's running-statistics update in place, called by the API after ``forward_train``
     succeeded: ``r = (1 - momentum) * r + momentum * stat`` with the unbiased variance
-    ``var * M / (M - 1)``. The running statistics may have any floating dtype and need not be
-    contiguous. Backends without it get the same update from array operations.
+    ``var * M / (M - 1)``. The running statistics are float32 or float64 in native byte
+    order and need not be contiguous; the API updates others (float16, non-native byte
+    order), and those of backends without this function, itself: in float64, rounded once.
 ``forward_train_update(x3, weight, bias, eps, running_mean, running_var, momentum)`` (optional)
     ``forward_train`` followed by that update, in one call (saves a dispatch on small
-    tensors); returns what ``forward_train`` returns. Used by the API when present.
+    tensors); returns what ``forward_train`` returns. Used by the API when present, for
+    running statistics as ``update_running_stats`` takes them.
 """
 
 from __future__ import annotations
