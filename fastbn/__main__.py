@@ -129,8 +129,6 @@ def cmd_info(args) -> int:
     """Print backends, threading and versions."""
     from importlib import metadata
 
-    import numba
-
     import fastbn
     from fastbn.backends import backend_report
 

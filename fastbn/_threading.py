@@ -96,7 +96,8 @@ def _find_tbb():
             path = os.path.realpath(dist.locate_file(f))
             if os.path.exists(path):
                 return path, "", True
-            return None, f"the installed 'tbb' {dist.version} lists {name}, but {path} is missing", True
+            why = f"the installed 'tbb' {dist.version} lists {name}, but {path} is missing"
+            return None, why, True
     return None, f"the installed 'tbb' {dist.version} has no {name}", True
 
 
@@ -153,7 +154,8 @@ def configure():
         return
     ok, why, installed = _load_tbb()
     _state["tbb_ok"], _state["tbb_why"] = ok, why
-    user_chose = setting != "default" or list(numba.config.THREADING_LAYER_PRIORITY) != _DEFAULT_PRIORITY
+    priority = list(numba.config.THREADING_LAYER_PRIORITY)
+    user_chose = setting != "default" or priority != _DEFAULT_PRIORITY
     if ok or user_chose:
         return
     numba.config.THREADING_LAYER = "forksafe"
@@ -161,9 +163,10 @@ def configure():
     if installed or _tbb_is_a_dependency():  # elsewhere tbb is not expected: no warning
         warnings.warn(
             f"fastbn: Numba's 'tbb' threading layer is not usable ({why}). fastbn selected "
-            "Numba's 'forksafe' layer instead of 'omp', which is not fork-safe; fastbn's "
-            "parallel kernels now run one call at a time. Reinstall 'tbb' to get it back, "
-            "or set NUMBA_THREADING_LAYER to choose a layer yourself.",
+            "Numba's 'forksafe' layer instead of 'omp', which is not fork-safe (on Linux "
+            "that is 'workqueue', on which fastbn runs its parallel kernels one call at a "
+            "time). Reinstall 'tbb' to get it back, or set NUMBA_THREADING_LAYER to choose "
+            "a layer yourself.",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -246,7 +249,7 @@ def _after_fork_child():
     why = ""
     if layer == "tbb":
         if _state["init_ident"] is None:
-            why = "TBB's pool was started by other code than fastbn: its state after fork is unknown"
+            why = "TBB's pool was started by other code than fastbn: its state is unknown"
         elif _fork["ident"] != _state["init_ident"]:
             why = "forked from a thread other than the one that started TBB's pool"
         elif _fork["others"]:

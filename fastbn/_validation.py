@@ -15,6 +15,7 @@ __all__ = [
     "as_array",
     "source_library",
     "check_axis",
+    "check_bool",
     "check_eps",
     "check_momentum",
     "check_x",
@@ -254,6 +255,30 @@ def check_x(name: str, arr, dtypes):
             f"got shape {tuple(arr.shape)}"
         )
     return _native(name, arr, dtypes)
+
+
+def check_bool(name: str, value) -> bool:
+    """A flag must be a bool (Python or NumPy): ``"no"`` or 1 are not taken for True.
+
+    Parameters
+    ----------
+    name : str
+        The argument's name, for the message.
+    value : object
+        The argument.
+
+    Returns
+    -------
+    bool
+
+    Raises
+    ------
+    TypeError
+        If `value` is not a ``bool`` or ``numpy.bool_``.
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
 
 
 def check_axis(axis, ndim: int) -> int:

@@ -75,12 +75,6 @@ def _prepare(x, axis, backend):
     return arr, v.source_library(x), wrap, be, ax
 
 
-def _check_training_flag(training) -> bool:
-    if not isinstance(training, (bool, np.bool_)):
-        raise TypeError(f"training must be a bool, got {type(training).__name__}")
-    return bool(training)
-
-
 # --------------------------------------------------------------------------- canonical form
 def _canonical(arr, ax, xp):
     """The ``(A, C, B)`` view of `arr`: returns ``(x3, perm, shape)``.
@@ -398,7 +392,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
             elif running_mean is not None:
                 return _forward_eval3(x3, x.shape, be, sd, running_mean, running_var, weight,
                                       bias, eps)
-    training = _check_training_flag(training)
+    training = v.check_bool("training", training)
     arr, lib, wrap, be, ax = _prepare(x, axis, backend)
     eps = v.check_eps(eps)
     momentum = v.check_momentum(momentum)

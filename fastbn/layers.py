@@ -15,12 +15,6 @@ __all__ = ["BatchNorm"]
 _STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
-def _check_bool(name: str, value) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return bool(value)
-
-
 def _host_array(key: str, value):
     """A state_dict entry as a NumPy array (torch tensors copied to the host; bfloat16 to float32)."""
     try:
@@ -144,8 +138,8 @@ class BatchNorm:
         eps = v.check_eps(eps)
         if momentum is not None:
             momentum = v.check_momentum(momentum)
-        affine = _check_bool("affine", affine)
-        track_running_stats = _check_bool("track_running_stats", track_running_stats)
+        affine = v.check_bool("affine", affine)
+        track_running_stats = v.check_bool("track_running_stats", track_running_stats)
         if dtype is None:  # np.dtype(None) would be float64
             raise TypeError("dtype must be float32 or float64, got None")
         try:
@@ -198,7 +192,7 @@ class BatchNorm:
         TypeError
             If `mode` is not a bool.
         """
-        self.training = _check_bool("mode", mode)
+        self.training = v.check_bool("mode", mode)
         return self
 
     def eval(self):
@@ -400,7 +394,7 @@ class BatchNorm:
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a mapping (e.g. a dict) from names to arrays, "
                             f"got {type(state_dict).__name__}")
-        strict = _check_bool("strict", strict)
+        strict = v.check_bool("strict", strict)
         expected = [k for k in _STATE_KEYS
                     if (k in ("weight", "bias") and self.affine)
                     or (k not in ("weight", "bias") and self.track_running_stats)]

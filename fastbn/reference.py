@@ -147,9 +147,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
         The float64 output.
     """
     _check_backend(backend)
-    if not isinstance(training, (bool, np.bool_)):
-        raise TypeError(f"training must be a bool, got {type(training).__name__}")
-    if training:
+    if v.check_bool("training", training):
         return batch_norm_forward(x, weight, bias, eps=eps, axis=axis, running_mean=running_mean,
                                   running_var=running_var, momentum=momentum)[0]
     x, axis, red, shape, lib = _setup(x, axis)

@@ -55,6 +55,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import _validation
+
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm", "convert"]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.float32, torch.float64)
@@ -414,8 +416,7 @@ def _check(input, running_mean, running_var, weight, bias, training, momentum, e
         _check_tensor_arg(name, t, input)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
-    if not isinstance(training, (bool, np.bool_)):
-        raise TypeError(f"training must be a bool, got {type(training).__name__}")
+    training = _validation.check_bool("training", training)
     if not training and running_mean is None:
         raise ValueError("running_mean and running_var are required when training=False")
     if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):

@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 from hypothesis import settings
 
 # Hypothesis loads its built-in "ci" profile (derandomized, no deadline) when CI is set;
@@ -11,3 +12,19 @@ settings.register_profile("ci", parent=settings.get_profile("ci"), max_examples=
                           print_blob=True)
 settings.register_profile("dev", max_examples=60, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+@pytest.fixture
+def fresh_buffer_cache():
+    """The output-buffer cache with a 1 GiB limit, empty, its size history cleared; the
+    previous limit restored afterwards."""
+    import fastbn
+    from fastbn import _buffers
+
+    old = fastbn.set_cache_limit(1 << 30)
+    fastbn.empty_cache()
+    _buffers._sizes.clear()
+    yield
+    fastbn.set_cache_limit(old)
+    fastbn.empty_cache()
+    _buffers._sizes.clear()

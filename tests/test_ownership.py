@@ -29,15 +29,8 @@ X2 = _rng.standard_normal(SHAPE, dtype=np.float32) * 3 + 1  # other values, same
 DY = _rng.standard_normal(SHAPE, dtype=np.float32)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_cache():
-    old = fastbn.set_cache_limit(1 << 30)
-    fastbn.empty_cache()
-    _buffers._sizes.clear()
-    yield
-    fastbn.set_cache_limit(old)
-    fastbn.empty_cache()
-    _buffers._sizes.clear()
+# a 1 GiB limit and an empty cache and size history for every test (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("fresh_buffer_cache")
 
 
 def _addr(a):

@@ -37,6 +37,24 @@ def child_check(expect_serial=None):
         ok = np.array_equal(y1, y0)
     os._exit(0 if ok else 3)
 
+def threads_then_fork(rounds):
+    # four threads call the parallel kernels at once, then a fork after that parallel use:
+    # returns (number of errors in the threads, exit codes of the child)
+    errors = []
+    def work():
+        try:
+            for _ in range(rounds):
+                assert np.array_equal(fastbn.batch_norm_forward(x)[0], y0)
+        except Exception as exc:
+            errors.append(exc)
+    ts = [threading.Thread(target=work) for _ in range(4)]
+    [t.start() for t in ts]
+    [t.join() for t in ts]
+    pid = os.fork()
+    if pid == 0:
+        child_check()
+    return len(errors), wait_all([pid])
+
 def wait_all(pids, timeout=60):
     deadline = time.time() + timeout
     codes = []
@@ -108,20 +126,8 @@ def test_broken_tbb_falls_back_to_a_fork_safe_layer(tmp_path):
         rep = _threading.report()
         layer = numba.threading_layer()
         # concurrent calls from threads and a fork after parallel use must both work
-        errors = []
-        def work():
-            try:
-                for _ in range(3):
-                    assert np.array_equal(fastbn.batch_norm_forward(x)[0], y0)
-            except Exception as exc:
-                errors.append(exc)
-        ts = [threading.Thread(target=work) for _ in range(4)]
-        [t.start() for t in ts]
-        [t.join() for t in ts]
-        pid = os.fork()
-        if pid == 0:
-            child_check()
-        print(layer, rep["tbb_usable"], rep["selected"], len(errors), wait_all([pid]))
+        nerr, codes = threads_then_fork(3)
+        print(layer, rep["tbb_usable"], rep["selected"], nerr, codes)
     """, env={"PYTHONPATH": str(tmp_path), "PYTHONWARNINGS": "always::RuntimeWarning"})
     assert out.returncode == 0, out.stderr
     layer, usable, selected, nerr, codes = out.stdout.strip().split(maxsplit=4)
@@ -213,20 +219,8 @@ def test_workqueue_calls_from_threads_and_fork():
     if not _layer_loads("workqueue"):
         pytest.skip("Numba's workqueue layer does not load here")
     out = run("""
-        errors = []
-        def work():
-            try:
-                for _ in range(4):
-                    assert np.array_equal(fastbn.batch_norm_forward(x)[0], y0)
-            except Exception as exc:
-                errors.append(exc)
-        ts = [threading.Thread(target=work) for _ in range(4)]
-        [t.start() for t in ts]
-        [t.join() for t in ts]
-        pid = os.fork()
-        if pid == 0:
-            child_check()
-        print(numba.threading_layer(), len(errors), wait_all([pid]))
+        nerr, codes = threads_then_fork(4)
+        print(numba.threading_layer(), nerr, codes)
     """, env={"NUMBA_THREADING_LAYER": "workqueue"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().split(maxsplit=2) == ["workqueue", "0", "[0]"], out.stdout + out.stderr

@@ -35,7 +35,12 @@ once and has the accuracy of the two-pass algorithm: the error does not grow wit
 ``(|mean| / std)**2`` as ``E[x**2] - E[x]**2`` does (merging rounded block means
 leaves a relative error of order ``G * |mean| / std``, with ``G`` the relative error
 of the float64 sums: at most ``M * u64``, typically ``~sqrt(M) * u64``). Small tensors (the serial kernels, cache resident) use the plain two-pass
-algorithm over each whole channel, without merges. Normalization is one multiply-add
+algorithm over each whole channel, without merges. float64 data are summed shifted,
+``sum(x - k)`` with ``k`` a value of the block (see :func:`_shift`), so that a constant
+feature has its value as mean and a variance of exactly 0 (float32 and float16 sums of a
+constant are exact in float64 already). Merges of partial means keep infinite means:
+where the difference of two means is not finite, Chan's ``mean_a + d * f`` would give
+inf - inf, and the weighted average is used instead (see :func:`_chan`). Normalization is one multiply-add
 per value, ``y = x * alpha + beta`` with ``alpha = weight * invstd`` and
 ``beta = bias - mean * alpha`` computed and applied in float64, so that the
 cancellation between ``x * alpha`` and ``beta`` for data far from zero costs float64,
@@ -559,7 +564,7 @@ def _rows_stats(xf, base, stride, wd, r0, r1, mo, qo):
             for j in range(cw):
                 s[j] = 0.0
                 q[j] = 0.0
-                kw[j] = _shift(xf, ld(xf[o0 + j]))  # the column's value in the block's first row
+                kw[j] = _shift(xf, ld(xf[o0 + j]))  # the column's value in the first row
             r = b0
             while four and r + 4 <= b1:
                 _acc_rows4(xf, base + r * stride + j0, stride, kw, s, cw)
@@ -1415,7 +1420,8 @@ def _outputs(x3, sd):
     """Outputs of the serial kernels (also used for large tensors in a forked child that
     must not use the threading layer, see :mod:`fastbn._threading`)."""
     c = x3.shape[1]
-    y = np.empty(x3.shape, x3.dtype) if x3.size <= SERIAL_MAX else _buffers.empty(x3.shape, x3.dtype)
+    small = x3.size <= SERIAL_MAX
+    y = np.empty(x3.shape, x3.dtype) if small else _buffers.empty(x3.shape, x3.dtype)
     return y, np.empty(c, sd), np.empty(c, sd), np.empty(c, sd)
 
 
