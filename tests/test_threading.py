@@ -234,3 +234,27 @@ def test_info_reports_the_layer():
     assert "tbb: " in out.stdout
     assert "Numba cache of the CPU kernels:" in out.stdout
     assert "writable" in out.stdout
+
+
+def test_dataloader_workers_after_parallel_use():
+    """torch DataLoader workers (forked) that call fastbn after the parent used the
+    parallel kernels: every batch arrives, with the parent's results."""
+    pytest.importorskip("torch")
+    out = run("""
+        import torch
+
+        class Data(torch.utils.data.Dataset):
+            def __len__(self):
+                return 4
+            def __getitem__(self, i):
+                return torch.from_numpy(fastbn.batch_norm_forward(x)[0][:2].copy())
+
+        loader = torch.utils.data.DataLoader(Data(), batch_size=2, num_workers=2,
+                                             multiprocessing_context="fork", timeout=120)
+        batches = list(loader)
+        ok = all(np.allclose(b.numpy(), y0[:2], rtol=0, atol=64 * 2.0**-24 * 8)
+                 for batch in batches for b in batch)
+        print(len(batches), ok)
+    """)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "2 True", out.stdout + out.stderr
