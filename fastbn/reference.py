@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _validation as v
+from .backends.reference import invstd_of, shifted_mean  # one copy of the oracles' rules
 
 __all__ = ["batch_norm", "batch_norm_forward", "batch_norm_backward"]
 
@@ -45,12 +46,6 @@ def _per_channel(name, a, c, lib, like, *, default=None, writable=False):
     if a is None:
         return None if default is None else np.full(c, default, dtype=np.float64)
     return a.astype(np.float64)
-
-
-def _invstd(var, eps):
-    """1 / sqrt(var + eps); 0 where var + eps == 0 (torch's rule); NaN stays NaN."""
-    denom = var + eps
-    return np.where(denom == 0, 0.0, 1.0 / np.sqrt(np.where(denom == 0, 1.0, denom)))
 
 
 @np.errstate(invalid="ignore", divide="ignore", over="ignore")  # NaN, inf: as the kernels
@@ -97,17 +92,10 @@ def batch_norm_forward(x, weight=None, bias=None, *, eps=1e-5, axis=1, running_m
     if m == 0:
         nan = np.full(c, np.nan)
         return x64.copy(), nan, nan.copy()
-    # The mean as k + mean(x - k), k a finite value of each feature (its first; 0 if that
-    # is inf or NaN). The same number in exact arithmetic; in floating point a constant
-    # feature gets its own value as mean and a variance of exactly 0 (a float64 sum of n
-    # copies of 0.1 is not n * 0.1: a plain mean leaves a variance of ~1e-33, which
-    # eps = 0 turns into invstd ~1e16 and y = +-1 noise).
-    k = x64[tuple(slice(None) if i == axis else 0 for i in range(x64.ndim))]
-    k = np.where(np.isfinite(k), k, 0.0).reshape(shape)
-    mean = (k + (x64 - k).mean(axis=red, keepdims=True)).reshape(-1)
+    mean = shifted_mean(x64, red)  # a constant feature: its value, variance exactly 0
     centered = x64 - mean.reshape(shape)
     var = (centered * centered).mean(axis=red)  # biased; two-pass
-    invstd = _invstd(var, eps)
+    invstd = invstd_of(var, eps)
     y = centered * invstd.reshape(shape) * w.reshape(shape) + b.reshape(shape)
     if rm is not None:
         unbiased = var * (m / (m - 1))
@@ -160,7 +148,7 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     if rm is None:
         raise ValueError("running_mean and running_var must be given when training=False "
                          "(eval mode normalizes with them)")
-    invstd = _invstd(rv.astype(np.float64), eps)
+    invstd = invstd_of(rv.astype(np.float64), eps)
     x64 = x.astype(np.float64)
     return (x64 - rm.astype(np.float64).reshape(shape)) * (invstd * w).reshape(shape) + b.reshape(shape)
 

@@ -21,10 +21,27 @@ def available():
     return True, ""
 
 
-def _invstd(var, eps):
-    """1 / sqrt(var + eps); 0 where var + eps == 0 (torch's rule); NaN stays NaN."""
+def invstd_of(var, eps):
+    """1 / sqrt(var + eps); 0 where var + eps == 0 (torch's rule); NaN stays NaN.
+
+    Shared by both float64 oracles (this backend and :mod:`fastbn.reference`).
+    """
     denom = var + eps
     return np.where(denom == 0, 0.0, 1.0 / np.sqrt(np.where(denom == 0, 1.0, denom)))
+
+
+def shifted_mean(x, axes):
+    """The mean of float64 `x` over `axes` as ``k + mean(x - k)``, k a finite value of each
+    feature (its first along `axes`; 0 if that is inf or NaN).
+
+    The same number in exact arithmetic; in floating point a constant feature gets its own
+    value as mean and a variance of exactly 0 (a float64 sum of n copies of 0.1 is not
+    n * 0.1: a plain mean leaves a variance of ~1e-33, which eps = 0 turns into invstd ~1e16
+    and y = +-1 noise). Shared by both float64 oracles.
+    """
+    k = x[tuple(slice(0, 1) if i in axes else slice(None) for i in range(x.ndim))]
+    k = np.where(np.isfinite(k), k, 0.0)
+    return (k + (x - k).mean(axis=axes, keepdims=True)).squeeze(axis=axes)
 
 
 @np.errstate(invalid="ignore", divide="ignore", over="ignore")  # NaN, inf: as the kernels
@@ -32,12 +49,10 @@ def forward_train(x3, weight, bias, eps):
     """Batch statistics and normalized output (see the backend contract)."""
     sd = stats_dtype(x3.dtype)
     x = x3.astype(np.float64)
-    k = x[0, :, 0]  # shifted data: mean = k + mean(x - k), see fastbn.reference
-    k = np.where(np.isfinite(k), k, 0.0)
-    mean = k + (x - k[None, :, None]).mean(axis=(0, 2))
+    mean = shifted_mean(x, (0, 2))
     centered = x - mean[None, :, None]
     var = (centered * centered).mean(axis=(0, 2))
-    invstd = _invstd(var, eps)
+    invstd = invstd_of(var, eps)
     alpha = invstd * weight.astype(np.float64)
     y = centered * alpha[None, :, None] + bias.astype(np.float64)[None, :, None]
     return y.astype(x3.dtype), mean.astype(sd), var.astype(sd), invstd.astype(sd)
@@ -46,7 +61,7 @@ def forward_train(x3, weight, bias, eps):
 @np.errstate(invalid="ignore", divide="ignore", over="ignore")  # NaN, inf: as the kernels
 def forward_eval(x3, mean, var, weight, bias, eps):
     """Normalize with given statistics (see the backend contract)."""
-    alpha = _invstd(var.astype(np.float64), eps) * weight.astype(np.float64)
+    alpha = invstd_of(var.astype(np.float64), eps) * weight.astype(np.float64)
     beta = bias.astype(np.float64) - mean.astype(np.float64) * alpha
     y = x3.astype(np.float64) * alpha[None, :, None] + beta[None, :, None]
     return y.astype(x3.dtype)
