@@ -213,14 +213,18 @@ def _native_float(dtype, allowed):
     return None
 
 
+def _check_float_any_order(name: str, arr, allowed) -> None:
+    """Raise TypeError unless ``arr.dtype`` is `allowed` in some byte order."""
+    if arr.dtype not in allowed and _native_float(arr.dtype, allowed) is None:
+        check_float_dtype(name, arr, allowed)
+
+
 def _native(name: str, arr, allowed):
     """`arr` if its dtype is `allowed`, a native-byte-order copy if only that is, else raise."""
     if arr.dtype in allowed:
         return arr
-    native = _native_float(arr.dtype, allowed)
-    if native is None:
-        check_float_dtype(name, arr, allowed)
-    return arr.astype(native)
+    _check_float_any_order(name, arr, allowed)
+    return arr.astype(_native_float(arr.dtype, allowed))
 
 
 def check_x(name: str, arr, dtypes):
@@ -248,8 +252,7 @@ def check_x(name: str, arr, dtypes):
         For fewer than 2 dimensions.
     """
     if arr.ndim < 2:
-        if arr.dtype not in dtypes and _native_float(arr.dtype, dtypes) is None:
-            check_float_dtype(name, arr, dtypes)
+        _check_float_any_order(name, arr, dtypes)
         raise ValueError(
             f"{name} must have at least 2 dimensions (a batch axis and a feature axis), "
             f"got shape {tuple(arr.shape)}"
@@ -342,8 +345,7 @@ def _check_per_channel(name, obj, num_features, library, like, writable):
     """:func:`check_per_channel` without the byte-order conversion."""
     arr, lib, _ = as_array(name, obj)
     _same_library(name, obj, arr, lib, library, like)
-    if arr.dtype not in _FLOAT_DTYPES and _native_float(arr.dtype, _FLOAT_DTYPES) is None:
-        check_float_dtype(name, arr, _FLOAT_DTYPES)
+    _check_float_any_order(name, arr, _FLOAT_DTYPES)
     if arr.ndim != 1 or arr.shape[0] != num_features:
         raise ValueError(
             f"{name} must have shape ({num_features},) (one value per feature), got {tuple(arr.shape)}"
@@ -445,8 +447,7 @@ def check_like_x(name: str, obj, x, library: str):
     """
     arr, lib, _ = as_array(name, obj)
     _same_library(name, obj, arr, lib, library, x)
-    if arr.dtype not in _FLOAT_DTYPES and _native_float(arr.dtype, _FLOAT_DTYPES) is None:
-        check_float_dtype(name, arr, _FLOAT_DTYPES)
+    _check_float_any_order(name, arr, _FLOAT_DTYPES)
     if arr.shape != x.shape:
         raise ValueError(f"{name} must have the shape of x {tuple(x.shape)}, got {tuple(arr.shape)}")
     return _native(name, arr, _FLOAT_DTYPES)
