@@ -1,171 +1,701 @@
-"""PyTorch embedding: fastbn's kernels as a differentiable PyTorch operator and modules.
+"""PyTorch embedding: fastbn's kernels as drop-in PyTorch batch-norm modules and function.
 
 Importing this module imports PyTorch (an optional dependency: ``pip install
 "fastbn[torch]"``); ``import fastbn`` alone never does.
 
 Contents, in reading order:
 
-1. Layout helpers: how a tensor is handed to fastbn without copying (DLPack) and how
-   the result comes back with the same memory format as the input.
-2. Three functional custom operators in the ``fastbn`` namespace, registered with
-   :func:`torch.library.custom_op` and each with a fake (meta) implementation, so that
-   ``torch.compile`` traces them as single nodes:
+1. Errors and argument checks with torch 2.13's rules, order and messages.
+2. The bridge between tensors and the arrays fastbn's backends take: CPU tensors are
+   viewed as NumPy arrays (``Tensor.numpy``, zero-copy), CUDA tensors as CuPy arrays
+   (DLPack, on torch's current stream); bfloat16 goes through ``ml_dtypes.bfloat16``. A
+   tensor whose memory is a permutation of a contiguous block (``channels_last``,
+   ``channels_last_3d``, a transposed 2-d batch) is handed over as that block with the
+   matching feature axis; other strided tensors are copied once.
+3. The kernels' entry points for tensors (``_train``, ``_eval``, ``_backward``): they
+   call the backend functions of :mod:`fastbn.backends` directly (the torch layer has
+   validated) and return *fresh* tensors (never views) in the input's memory format.
+4. Autograd in eager mode: :class:`torch.autograd.Function` subclasses with a backward
+   that runs fastbn's backward kernel, a forward-mode (``jvp``) formula and a ``vmap``
+   rule, so ``torch.func`` (``grad``, ``jacrev``, ``jacfwd``, ``jvp``, ``vmap``,
+   ``hessian``) and ``torch.autograd.forward_ad`` work. When the backward itself must be
+   differentiable (``create_graph=True``, gradient penalties, ``gradgradcheck``) or runs
+   under a ``torch.func`` transform, it is computed from torch operations instead, whose
+   own derivatives give the higher orders.
+5. ``torch.compile``: three functional custom operators in the ``fastbn`` namespace
+   (``torch.ops.fastbn.batch_norm_train``, ``batch_norm_eval``, ``batch_norm_backward``)
+   with fake implementations and autograd formulas, which Dynamo traces as single graph
+   nodes (a Python ``autograd.Function`` with a custom ``jvp`` would break the graph).
+6. :func:`batch_norm`, the drop-in for :func:`torch.nn.functional.batch_norm`;
+   :class:`BatchNorm1d`/``2d``/``3d`` and :func:`convert`; integration with
+   ``torch.fx`` (the modules are leaves), ``torch.ao.quantization.fuse_modules`` and
+   TorchScript.
 
-   ``torch.ops.fastbn.batch_norm_train``
-       Training-mode forward; returns the output, the batch mean and inverse standard
-       deviation (saved for backward) and the *new* running statistics (computed by
-       fastbn's public API on copies of the old ones, so the operator stays functional).
-   ``torch.ops.fastbn.batch_norm_eval``
-       Evaluation-mode forward with given statistics.
-   ``torch.ops.fastbn.batch_norm_backward``
-       Gradient of the training-mode forward.
-
-   Their autograd formulas (:func:`torch.library.register_autograd`) call the operators
-   above, so the backward is traceable too.
-3. :func:`batch_norm`, the drop-in replacement for
-   :func:`torch.nn.functional.batch_norm`: it validates, calls an operator, and copies
-   the new running statistics into the caller's buffers in place.
-4. :class:`BatchNorm1d`, :class:`BatchNorm2d`, :class:`BatchNorm3d`: subclasses of
-   torch's modules (same constructor, parameters, buffers, ``state_dict`` keys and
-   ``isinstance`` behaviour) whose forward runs fastbn; and :func:`convert`, which swaps
-   them into an existing model.
-
-Zero-copy
----------
-CPU tensors are viewed as NumPy arrays with :func:`numpy.from_dlpack` and results come
-back with :func:`torch.from_dlpack`; CUDA tensors go through :func:`cupy.from_dlpack`
-with CuPy's current stream set to PyTorch's current stream, so fastbn's GPU kernels are
-queued behind the work that produced the input and no synchronization is needed. A
-tensor whose memory is a permutation of a contiguous block (``channels_last``,
-``channels_last_3d``, a transposed 2-d batch) is handed over as that contiguous
-permuted view with the matching feature axis; only other strided tensors are copied.
-
-Limitations: double backward is not supported; ``bfloat16`` is not supported (NumPy
-has no such dtype); devices other than ``cpu`` and ``cuda`` are rejected; the modules
-cannot be compiled with TorchScript (``torch.jit.script``; ``torch.compile`` works).
 Requires PyTorch >= 2.4 (``torch.library.custom_op``).
 """
 
-import contextlib
 import math
 import numbers
+import warnings
 from typing import Optional
 
 import numpy as np
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad as _fwad
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import _validation
+from . import functional as _api
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "batch_norm", "convert"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormError", "BatchNormTypeError",
+           "batch_norm", "convert"]
 
-_SUPPORTED_DTYPES = (torch.float16, torch.float32, torch.float64)
+_REDUCED = (torch.float16, torch.bfloat16)
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _SUPPORTED_DEVICES = ("cpu", "cuda")
 
 
 # ---------------------------------------------------------------------------------------
-# 1. Layout and DLPack helpers (used inside the operators only: never traced)
+# 1. Errors and checks
 # ---------------------------------------------------------------------------------------
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of statistics, weight and bias for input `dtype` (float16 -> float32)."""
-    return torch.float32 if dtype == torch.float16 else dtype
+class BatchNormError(ValueError, RuntimeError):
+    """A bad argument value or shape for fastbn.torch's batch norm.
 
-
-def _memory_perm(x: Tensor) -> list[int]:
-    """Dimension order of `x` from outermost to innermost in memory.
-
-    Sorting the dimensions by decreasing stride (ties broken by position, so a
-    contiguous tensor gives the identity) yields the permutation ``p`` for which
-    ``x.permute(p)`` is contiguous whenever `x` is dense and non-overlapping: NCHW
-    gives (0, 1, 2, 3), ``channels_last`` NCHW gives (0, 2, 3, 1).
+    Derives from both :class:`ValueError` (fastbn's convention) and :class:`RuntimeError`
+    (what ``torch.nn.functional.batch_norm`` raises for the same mistakes), so code
+    written for either catches it.
     """
+
+
+class BatchNormTypeError(TypeError, RuntimeError):
+    """A bad dtype for fastbn.torch's batch norm: a :class:`TypeError` that is also the
+    :class:`RuntimeError` torch raises for mixed or unsupported dtypes."""
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the statistics for input `dtype` (float16, bfloat16 -> float32)."""
+    return torch.float32 if dtype in _REDUCED else dtype
+
+
+def _check_tensor_arg(name: str, t, input: Tensor, c: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} has layout {t.layout}; fastbn takes dense (strided) tensors")
+    if t.device != input.device:
+        raise BatchNormError(
+            f"{name} is on device {t.device} but input is on {input.device}: "
+            "all tensors must be on the same device"
+        )
+    if t.dim() != 1 or t.shape[0] != c:
+        # torch's message for the same mistake
+        raise BatchNormError(f"{name} should contain {c} elements not {t.numel()}"
+                             if t.dim() == 1 else
+                             f"{name} must have shape ({c},), got {tuple(t.shape)}")
+
+
+def _check(input, running_mean, running_var, weight, bias, training, momentum, eps) -> None:
+    """torch 2.13's checks of ``F.batch_norm`` in its order: batch size, eps, then the
+    tensors' devices, shapes and dtypes."""
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    training = _validation.check_bool("training", training)
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+        raise TypeError(f"momentum must be a float, got {type(momentum).__name__}")
+    shape = input.shape
+    if training and input.dim() >= 1 and shape[0] * math.prod(shape[2:]) == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {input.size()}"
+        )
+    if training and not eps > 0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if not eps >= 0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if input.layout != torch.strided:
+        raise TypeError(
+            f"input has layout {input.layout}; fastbn takes dense (strided) tensors: "
+            "convert it with input.to_dense()"
+        )
+    if input.device.type not in _SUPPORTED_DEVICES:
+        raise BatchNormError(
+            f"input is on device {input.device}: fastbn has kernels for 'cpu' and 'cuda' tensors only"
+        )
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    if not training and running_mean is None:
+        raise BatchNormError("running_mean must be defined in evaluation mode")
+    if input.numel() == 0:
+        return  # as torch: an empty batch is returned without further checks
+    if input.dim() < 2:
+        raise BatchNormError(
+            f"input must have at least 2 dimensions (N, C, ...), got shape {tuple(input.shape)}"
+        )
+    if input.dtype not in _SUPPORTED_DTYPES:
+        raise BatchNormTypeError(
+            "input must have dtype torch.float16, torch.bfloat16, torch.float32 or "
+            f"torch.float64, got {input.dtype}"
+        )
+    c = shape[1]
+    dtypes = set()
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        if t is not None:
+            _check_tensor_arg(name, t, input, c)
+            dtypes.add(t.dtype)
+    # torch's CPU rule: parameters and statistics share one dtype, the input's, or float32
+    # for float16/bfloat16 input
+    allowed = (input.dtype, torch.float32) if input.dtype in _REDUCED else (input.dtype,)
+    if len(dtypes) > 1 or not dtypes <= set(allowed):
+        names = " or ".join(str(d) for d in allowed)
+        raise BatchNormTypeError(
+            f"weight, bias, running_mean and running_var must all have one dtype, {names}, "
+            f"for {input.dtype} input; got {', '.join(sorted(str(d) for d in dtypes))}"
+        )
+    if torch.is_grad_enabled() and running_mean is not None and (
+            running_mean.requires_grad or running_var.requires_grad):
+        raise BatchNormError(
+            "batch norm is not differentiable with respect to running_mean and running_var: "
+            "they cannot have requires_grad=True"
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# 2. Tensors <-> backend arrays
+# ---------------------------------------------------------------------------------------
+_CHANNELS_LAST = {4: (torch.channels_last, (0, 2, 3, 1)),
+                  5: (torch.channels_last_3d, (0, 2, 3, 4, 1))}
+
+
+def _memory_perm(x: Tensor):
+    """Dimension order of `x` from outermost to innermost in memory, or None for the
+    contiguous order.
+
+    Sorting the dimensions by decreasing stride (ties broken by position) gives the
+    permutation ``p`` for which ``x.permute(p)`` is contiguous whenever `x` is dense and
+    non-overlapping: NCHW gives None, ``channels_last`` NCHW gives (0, 2, 3, 1).
+    """
+    if x.is_contiguous():
+        return None
+    cl = _CHANNELS_LAST.get(x.dim())
+    if cl is not None and x.is_contiguous(memory_format=cl[0]):
+        return cl[1]
     strides = x.stride()
-    return sorted(range(x.dim()), key=lambda d: (-strides[d], d))
+    return tuple(sorted(range(x.dim()), key=lambda d: (-strides[d], d)))
 
 
-def _inverse(perm: list[int]) -> list[int]:
+def _inverse(perm):
     inv = [0] * len(perm)
     for i, p in enumerate(perm):
         inv[p] = i
     return inv
 
 
-def _empty_like_layout(x: Tensor, perm: list[int], dtype: torch.dtype | None = None) -> Tensor:
-    """An uninitialized tensor shaped like `x`, laid out in memory in the order `perm`.
+def _layout_strides(shape, perm):
+    """Strides of a tensor of `shape` stored densely in the dimension order `perm`."""
+    if perm is None:
+        perm = range(len(shape))
+    strides = [0] * len(shape)
+    step = 1
+    for d in reversed(perm):
+        strides[d] = step
+        step *= max(shape[d], 1)
+    return strides
 
-    This is the layout every operator returns, and what the fake implementations
-    produce, so real and fake outputs have identical strides.
-    """
-    shape = [x.shape[p] for p in perm]
-    return x.new_empty(shape, dtype=dtype or x.dtype).permute(_inverse(perm))
+
+_bfloat16 = None
 
 
-def _stats_operand(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    """`t` as a contiguous 1-d tensor of `dtype`; no copy when it already is one."""
-    if t is None:
-        return None
+def _np_bfloat16():
+    global _bfloat16
+    if _bfloat16 is None:
+        try:
+            import ml_dtypes
+        except ImportError as exc:  # pragma: no cover - ml_dtypes is a dependency
+            raise BatchNormTypeError("bfloat16 tensors need the ml_dtypes package") from exc
+        _bfloat16 = np.dtype(ml_dtypes.bfloat16)
+    return _bfloat16
+
+
+def _np_view(t: Tensor) -> np.ndarray:
+    """A NumPy view of the CPU tensor `t` (same memory, strides and offset)."""
     t = t.detach()
-    if t.dtype != dtype:
-        t = t.to(dtype)
-    return t.contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(_np_bfloat16())
+    return t.numpy()
 
 
-def _stats_copy(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    """A fresh contiguous copy of `t` in `dtype` (fastbn updates it in place)."""
+def _np_tensor(a: np.ndarray) -> Tensor:
+    """A tensor owning (a reference to) the NumPy array `a`: fresh, not a view."""
+    if a.dtype.kind == "V" and a.dtype.itemsize == 2:  # ml_dtypes.bfloat16
+        t = torch.from_numpy(a.view(np.int16))
+        return torch.empty((0,), dtype=torch.bfloat16).set_(
+            t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+    return torch.from_numpy(a)
+
+
+class _CPU:
+    """Bridge for CPU tensors: NumPy views both ways."""
+
+    lib = "numpy"
+    view = staticmethod(_np_view)
+    tensor = staticmethod(_np_tensor)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+_CPU_BRIDGE = _CPU()
+
+
+class _CUDA:
+    """Bridge for CUDA tensors: CuPy views through DLPack, on torch's current stream.
+
+    CuPy's current device and stream are set to torch's for the duration, so fastbn's
+    kernels are queued behind the work that produced the input and no synchronization is
+    needed.
+    """
+
+    lib = "cupy"
+
+    def __init__(self, device: torch.device):
+        try:
+            import cupy
+        except ImportError as exc:  # pragma: no cover - needs a CUDA machine without cupy
+            raise RuntimeError(
+                "fastbn needs CuPy for CUDA tensors: pip install 'fastbn[cuda12]' or "
+                "'fastbn[cuda13]'"
+            ) from exc
+        self.cupy = cupy
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        ptr = torch.cuda.current_stream(index).cuda_stream
+        # torch reports its default (legacy) stream as pointer 0, CuPy's null stream
+        stream = cupy.cuda.Stream.null if ptr == 0 else cupy.cuda.ExternalStream(ptr, index)
+        self._device, self._stream = cupy.cuda.Device(index), stream
+
+    def __enter__(self):
+        self._device.__enter__()
+        self._stream.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._stream.__exit__(*exc)
+        self._device.__exit__(*exc)
+        return False
+
+    def view(self, t: Tensor):
+        t = t.detach()
+        if t.dtype == torch.bfloat16:
+            return self.cupy.from_dlpack(t.view(torch.int16)).view(_np_bfloat16())
+        # cupy.from_dlpack passes CuPy's current stream (= torch's) to __dlpack__
+        return self.cupy.from_dlpack(t)
+
+    def tensor(self, a) -> Tensor:
+        if a.dtype.kind == "V" and a.dtype.itemsize == 2:
+            t = torch.from_dlpack(a.view(np.int16))
+            return torch.empty((0,), dtype=torch.bfloat16, device=t.device).set_(
+                t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
+        return torch.from_dlpack(a)
+
+
+def _bridge(device: torch.device):
+    return _CPU_BRIDGE if device.type == "cpu" else _CUDA(device)
+
+
+def _canonical(br, x: Tensor):
+    """``(x3, perm, shape)``: the ``(A, C, B)`` array view of `x` (see fastbn.backends),
+    the memory order of `x` (None: contiguous) and the shape of ``x.permute(perm)``."""
+    perm = _memory_perm(x)
+    if perm is not None and not x.permute(perm).is_contiguous():
+        x, perm = x.contiguous(), None  # not a permutation of a dense block: copy once
+    a = br.view(x)
+    if perm is None:
+        pos = 1
+    else:
+        a = a.transpose(perm)
+        pos = perm.index(1)
+    shape = a.shape
+    return a.reshape(math.prod(shape[:pos]), shape[pos], math.prod(shape[pos + 1:])), perm, shape
+
+
+def _restore(y3, perm, shape):
+    """The ``(A, C, B)`` result `y3` in the input's shape and memory layout."""
+    y = y3.reshape(shape)
+    return y if perm is None else y.transpose(_inverse(perm))
+
+
+def _same_layout(br, t: Tensor, perm, shape3):
+    """`t` (shaped like the input) as a contiguous array in the input's canonical order."""
+    a = br.view(t)
+    if perm is not None:
+        a = a.transpose(perm)
+    xp = np if br.lib == "numpy" else br.cupy
+    return xp.ascontiguousarray(a).reshape(shape3)
+
+
+def _param_array(br, t: Optional[Tensor], sd: torch.dtype):  # noqa: UP045
+    """`t` as a contiguous 1-d array of the statistics dtype (no copy when it is one)."""
     if t is None:
         return None
-    out = torch.empty(t.shape, dtype=dtype, device=t.device)
-    out.copy_(t.detach())
+    if t.dtype != sd:
+        t = t.detach().to(sd)
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return br.view(t)
+
+
+def _backend(br):
+    return _api._select_backend(br.lib, None)
+
+
+# ---------------------------------------------------------------------------------------
+# 3. Kernel entry points for tensors (no autograd; inputs validated by _check)
+# ---------------------------------------------------------------------------------------
+def _train(input, weight, bias, running_mean, running_var, momentum, eps):
+    """Training forward: ``(y, mean, invstd)``; the running statistics (if any) are
+    updated in place, last."""
+    sdt = _stats_dtype(input.dtype)
+    with _bridge(input.device) as br:
+        be = _backend(br)
+        x3, perm, shape = _canonical(br, input)
+        rm = None if running_mean is None else br.view(running_mean)
+        rv = None if running_var is None else br.view(running_var)
+        y, mean, invstd = _api._forward_train3(
+            x3, perm, shape, be, _api._stats_dtype(be, x3.dtype), _param_array(br, weight, sdt),
+            _param_array(br, bias, sdt), eps, rm, rv, momentum)
+        out = br.tensor(y), br.tensor(mean), br.tensor(invstd)
+    if running_mean is not None:  # written behind torch's back: tell autograd
+        torch.autograd.graph.increment_version((running_mean, running_var))
     return out
 
 
-@contextlib.contextmanager
-def _array_bridge(device: torch.device):
-    """Yield ``(to_array, to_tensor)`` converting between torch tensors on `device` and
-    the arrays fastbn takes (NumPy on CPU, CuPy on CUDA), both zero-copy via DLPack.
-
-    On CUDA, CuPy's current device and stream are set to PyTorch's current ones for the
-    duration, so fastbn launches its kernels on the stream the caller is using.
-    """
-    if device.type == "cpu":
-
-        def to_array(t):
-            return None if t is None else np.from_dlpack(t.detach())
-
-        yield to_array, torch.from_dlpack
-        return
-    # device.type == "cuda" (checked by the caller)
-    try:
-        import cupy
-    except ImportError as exc:  # pragma: no cover - needs a CUDA machine without cupy
-        raise RuntimeError(
-            "fastbn needs CuPy for CUDA tensors: pip install 'fastbn[cuda12]' or 'fastbn[cuda13]'"
-        ) from exc
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    ptr = torch.cuda.current_stream(index).cuda_stream
-    # torch reports its default (legacy) stream as pointer 0, which is CuPy's null stream
-    stream = cupy.cuda.Stream.null if ptr == 0 else cupy.cuda.ExternalStream(ptr, index)
-    with cupy.cuda.Device(index), stream:
-
-        def to_array(t):
-            # cupy.from_dlpack passes CuPy's current stream (= torch's) to __dlpack__,
-            # so torch inserts no synchronization.
-            return None if t is None else cupy.from_dlpack(t.detach())
-
-        yield to_array, torch.from_dlpack
+def _eval(input, running_mean, running_var, weight, bias, eps):
+    """Evaluation forward with the given statistics."""
+    sdt = _stats_dtype(input.dtype)
+    with _bridge(input.device) as br:
+        be = _backend(br)
+        x3, perm, shape = _canonical(br, input)
+        y3 = _api._forward_eval3(
+            x3, None, be, _api._stats_dtype(be, x3.dtype), _param_array(br, running_mean, sdt),
+            _param_array(br, running_var, sdt), _param_array(br, weight, sdt),
+            _param_array(br, bias, sdt), eps)
+        return br.tensor(_restore(y3, perm, shape))
 
 
-def _fastbn():
-    import fastbn
+def _backward(grad_output, input, mean, invstd, weight, need_input=True):
+    """Gradient of the training forward: ``(grad_input, grad_weight, grad_bias)``, the last
+    two in the statistics dtype (computed also when `weight` is None)."""
+    sdt = _stats_dtype(input.dtype)
+    if grad_output.dtype != input.dtype:
+        grad_output = grad_output.to(input.dtype)
+    with _bridge(input.device) as br:
+        be = _backend(br)
+        x3, perm, shape = _canonical(br, input)
+        c = x3.shape[1]
+        dy3 = _same_layout(br, grad_output, perm, x3.shape)
+        sd = _api._stats_dtype(be, x3.dtype)
+        dx3, dw, db = be.backward(
+            dy3, x3, _param_array(br, mean, sdt), _param_array(br, invstd, sdt),
+            _api._param(_param_array(br, weight, sdt), 1.0, c, be, sd))
+        return br.tensor(_restore(dx3, perm, shape)), br.tensor(dw), br.tensor(db)
 
-    return fastbn
+
+def _eval_backward(grad_output, input, running_mean, running_var, weight, eps, needs):
+    """Gradients of the evaluation forward (constant statistics)."""
+    need_x, need_w, need_b = needs
+    sdt = _stats_dtype(input.dtype)
+    dx = dw = db = None
+    if need_x:
+        # y = (x - rm) * w / sqrt(rv + eps) + b, so dx = dy * w / sqrt(rv + eps): the eval
+        # forward applied to dy with mean 0 and no bias
+        dx = _eval(grad_output.to(input.dtype), torch.zeros_like(running_mean), running_var,
+                   weight, None, eps)
+    if need_w or need_b:
+        # dw = sum(dy * xhat), db = sum(dy): the reductions of the training backward at
+        # mean = rm, invstd = 1 / sqrt(rv + eps)
+        invstd = torch.rsqrt(running_var.detach().to(sdt) + eps)
+        _, dw, db = _backward(grad_output, input, running_mean.detach().to(sdt), invstd, weight)
+    return dx, dw, db
+
+
+def _empty(input, weight, bias):
+    """torch's result for an empty batch: the input, scaled and shifted (zero gradients)."""
+    out = input.clone()
+    if input.dim() >= 2:
+        view = [1] * input.dim()
+        view[1] = input.shape[1]
+        if weight is not None:
+            out = out * weight.view(view)
+        if bias is not None:
+            out = out + bias.view(view)
+    return out
 
 
 # ---------------------------------------------------------------------------------------
-# 2. Custom operators
+# 4. Autograd in eager mode
 # ---------------------------------------------------------------------------------------
-# The signatures below are parsed by torch.library.custom_op to build the operator
-# schemas; they use typing.Optional, the spelling every torch with custom_op understands.
+def _reduce_dims(x: Tensor) -> list[int]:
+    return [0, *range(2, x.dim())]
+
+
+def _per_channel(t: Tensor, x: Tensor) -> Tensor:
+    """A per-channel vector shaped to broadcast against `x` along dimension 1."""
+    view = [1] * x.dim()
+    view[1] = -1
+    return t.reshape(view)
+
+
+def _composite_train_backward(grad_y, x, weight, eps, needs):
+    """The training backward in torch operations, statistics recomputed from `x`: its own
+    derivatives (autograd's) give the double backward, and it runs under ``torch.func``."""
+    sdt = _stats_dtype(x.dtype)
+    dims = _reduce_dims(x)
+    xs, g = x.to(sdt), grad_y.to(sdt)
+    mean = xs.mean(dims, keepdim=True)
+    xc = xs - mean
+    invstd = torch.rsqrt((xc * xc).mean(dims, keepdim=True) + eps)
+    xhat = xc * invstd
+    dx = dw = db = None
+    if needs[0]:
+        scale = invstd if weight is None else invstd * _per_channel(weight.to(sdt), x)
+        dx = (scale * (g - g.mean(dims, keepdim=True)
+                       - xhat * (g * xhat).mean(dims, keepdim=True))).to(x.dtype)
+    if needs[1]:
+        dw = (g * xhat).sum(dims)
+    if needs[2]:
+        db = g.sum(dims)
+    return dx, dw, db
+
+
+def _composite_eval_backward(grad_y, x, running_mean, running_var, weight, eps, needs):
+    sdt = _stats_dtype(x.dtype)
+    dims = _reduce_dims(x)
+    g = grad_y.to(sdt)
+    invstd = _per_channel(torch.rsqrt(running_var.detach().to(sdt) + eps), x)
+    dx = dw = db = None
+    if needs[0]:
+        scale = invstd if weight is None else invstd * _per_channel(weight.to(sdt), x)
+        dx = (g * scale).to(x.dtype)
+    if needs[1]:
+        xhat = (x.to(sdt) - _per_channel(running_mean.detach().to(sdt), x)) * invstd
+        dw = (g * xhat).sum(dims)
+    if needs[2]:
+        db = g.sum(dims)
+    return dx, dw, db
+
+
+def _higher_order(grad: Tensor) -> bool:
+    """Whether a backward must itself be differentiable, or runs under torch.func or on
+    batched gradients (``autograd.grad(..., is_grads_batched=True)``), where the kernels
+    cannot see the data."""
+    ft = torch._C._functorch
+    return (torch.is_grad_enabled() or torch._C._are_functorch_transforms_active()
+            or ft.is_batchedtensor(grad) or ft.is_legacy_batchedtensor(grad)
+            or ft.is_functorch_wrapped_tensor(grad))
+
+
+def _cast(g: Tensor | None, like: Tensor | None) -> Tensor | None:
+    return None if g is None or like is None else g.to(like.dtype)
+
+
+def _fold_batch(info, in_dims, x, params, stats, *, training):
+    """vmap rule helper: a batch of B independent batch norms over C channels is one batch
+    norm over B*C channels. Returns ``(x', params', stats', unfold_stats)``: `x` moved
+    to ``(N, B*C, ...)``, per-channel tensors to length B*C (unbatched ones repeated), and a
+    callable that writes updated folded running statistics back."""
+    b = info.batch_size
+    x = x.movedim(in_dims[0], 0) if in_dims[0] is not None else x.expand(b, *x.shape)
+    n, c = x.shape[1], x.shape[2]
+    xf = x.movedim(0, 1).reshape(n, b * c, *x.shape[3:])
+
+    def fold(t, d):
+        if t is None:
+            return None
+        return t.repeat(b) if d is None else t.movedim(d, 0).reshape(b * c)
+
+    p = [fold(t, d) for t, d in zip(params, in_dims[1:1 + len(params)])]
+    sdims = in_dims[1 + len(params):1 + len(params) + len(stats)]
+    if training and stats[0] is not None and (sdims[0] is None or sdims[1] is None):
+        raise BatchNormError(
+            "vmap: batch norm got a batched input while running_mean/running_var, which it "
+            "updates in place, are not batched; batch them too, or use "
+            "track_running_stats=False (torch.func.replace_all_batch_norm_modules_)"
+        )
+    s = [None if t is None else fold(t, d).contiguous() for t, d in zip(stats, sdims)]
+
+    def write_back():
+        for t, d, f in zip(stats, sdims, s):
+            if t is not None and d is not None:
+                t.movedim(d, 0).copy_(f.view(b, c))
+
+    return xf, p, s, write_back
+
+
+def _unfold_output(y: Tensor, b: int) -> Tensor:
+    """``(N, B*C, ...)`` back to ``(B, N, C, ...)``."""
+    n, bc = y.shape[0], y.shape[1]
+    return y.reshape(n, b, bc // b, *y.shape[2:]).movedim(1, 0)
+
+
+class _EagerFunction(torch.autograd.Function):
+    """Base of the eager Functions: :meth:`apply` without the signature binding that
+    ``torch.autograd.Function.apply`` does for ``setup_context`` Functions (it costs
+    ~30 us per call; every argument here is passed positionally, so it binds nothing)."""
+
+    @classmethod
+    def apply(cls, *args):
+        if torch._C._are_functorch_transforms_active():
+            return super().apply(*args)
+        return super(torch.autograd.Function, cls).apply(*args)  # the C implementation
+
+
+class _TrainFn(_EagerFunction):
+    @staticmethod
+    def forward(input, weight, bias, running_mean, running_var, momentum, eps):
+        return _train(input, weight, bias, running_mean, running_var, momentum, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, _rm, _rv, _momentum, eps = inputs
+        _y, mean, invstd = output
+        ctx.save_for_backward(input, weight, mean, invstd)
+        ctx.save_for_forward(input, weight, mean, invstd)
+        ctx.eps = eps
+        ctx.has_bias = bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.mark_non_differentiable(mean, invstd)
+
+    @staticmethod
+    def backward(ctx, grad_y, _g_mean, _g_invstd):
+        input, weight, mean, invstd = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
+        if not any(needs):
+            return None, None, None, None, None, None, None
+        if _higher_order(grad_y):
+            dx, dw, db = _composite_train_backward(grad_y, input, weight, ctx.eps, needs)
+        else:
+            dx, dw, db = _backward(grad_y, input, mean, invstd, weight)
+        return (dx if needs[0] else None, _cast(dw, weight) if needs[1] else None,
+                db.to(ctx.bias_dtype) if needs[2] and ctx.has_bias else None,
+                None, None, None, None)
+
+    @staticmethod
+    def jvp(ctx, t_input, t_weight, t_bias, _t_rm, _t_rv, _t_momentum, _t_eps):
+        # With xhat = (x - mean) * invstd over M values per channel:
+        #   d xhat = invstd * (t - mean(t) - xhat * mean(xhat * t)),
+        #   d y = weight * d xhat + xhat * d weight + d bias.
+        input, weight, mean, invstd = ctx.saved_tensors
+        sdt = _stats_dtype(input.dtype)
+        dims = _reduce_dims(input)
+        inv = _per_channel(invstd, input)
+        xhat = (input.to(sdt) - _per_channel(mean, input)) * inv
+        ty = None
+        if t_input is not None:
+            t = t_input.to(sdt)
+            dxhat = inv * (t - t.mean(dims, keepdim=True)
+                           - xhat * (xhat * t).mean(dims, keepdim=True))
+            ty = dxhat if weight is None else dxhat * _per_channel(weight.to(sdt), input)
+        if t_weight is not None:
+            term = xhat * _per_channel(t_weight.to(sdt), input)
+            ty = term if ty is None else ty + term
+        if t_bias is not None:
+            term = _per_channel(t_bias.to(sdt), input).expand(xhat.shape)
+            ty = term if ty is None else ty + term
+        if ty is None:
+            ty = torch.zeros_like(input)
+        # mean and invstd are marked non-differentiable (batch_norm never returns them)
+        return ty.to(input.dtype), None, None
+
+    @staticmethod
+    def vmap(info, in_dims, input, weight, bias, running_mean, running_var, momentum, eps):
+        xf, (w, b), (rm, rv), write_back = _fold_batch(
+            info, in_dims, input, (weight, bias), (running_mean, running_var), training=True)
+        y, mean, invstd = _TrainFn.apply(xf, w, b, rm, rv, momentum, eps)
+        write_back()
+        bs = info.batch_size
+        return (_unfold_output(y, bs), mean.view(bs, -1), invstd.view(bs, -1)), (0, 0, 0)
+
+
+class _EvalFn(_EagerFunction):
+    @staticmethod
+    def forward(input, running_mean, running_var, weight, bias, eps):
+        return _eval(input, running_mean, running_var, weight, bias, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, running_mean, running_var, weight, bias, eps = inputs
+        ctx.save_for_backward(input, running_mean, running_var, weight)
+        ctx.save_for_forward(input, running_mean, running_var, weight)
+        ctx.eps = eps
+        ctx.bias_dtype = None if bias is None else bias.dtype
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        input, running_mean, running_var, weight = ctx.saved_tensors
+        need_x, _, _, need_w, need_b = ctx.needs_input_grad[:5]
+        needs = (need_x, need_w, need_b and ctx.bias_dtype is not None)
+        if not any(needs):
+            return None, None, None, None, None, None
+        if _higher_order(grad_y):
+            dx, dw, db = _composite_eval_backward(grad_y, input, running_mean, running_var,
+                                                  weight, ctx.eps, needs)
+        else:
+            dx, dw, db = _eval_backward(grad_y, input, running_mean, running_var, weight,
+                                        ctx.eps, needs)
+        return (dx if need_x else None, None, None, _cast(dw, weight) if need_w else None,
+                db.to(ctx.bias_dtype) if needs[2] else None, None)
+
+    @staticmethod
+    def jvp(ctx, t_input, _t_rm, _t_rv, t_weight, t_bias, _t_eps):
+        # y = (x - rm) * invstd * w + b with constant statistics
+        input, running_mean, running_var, weight = ctx.saved_tensors
+        sdt = _stats_dtype(input.dtype)
+        inv = _per_channel(torch.rsqrt(running_var.to(sdt) + ctx.eps), input)
+        ty = None
+        if t_input is not None:
+            scale = inv if weight is None else inv * _per_channel(weight.to(sdt), input)
+            ty = t_input.to(sdt) * scale
+        if t_weight is not None:
+            xhat = (input.to(sdt) - _per_channel(running_mean.to(sdt), input)) * inv
+            term = xhat * _per_channel(t_weight.to(sdt), input)
+            ty = term if ty is None else ty + term
+        if t_bias is not None:
+            term = _per_channel(t_bias.to(sdt), input).expand(input.shape)
+            ty = term if ty is None else ty + term
+        if ty is None:
+            ty = torch.zeros_like(input)
+        return ty.to(input.dtype)
+
+    @staticmethod
+    def vmap(info, in_dims, input, running_mean, running_var, weight, bias, eps):
+        dims = (in_dims[0], in_dims[3], in_dims[4], in_dims[1], in_dims[2])
+        xf, (w, b, rm, rv), _, _ = _fold_batch(
+            info, dims, input, (weight, bias, running_mean, running_var), (), training=False)
+        y = _EvalFn.apply(xf, rm, rv, w, b, eps)
+        return _unfold_output(y, info.batch_size), 0
+
+
+# ---------------------------------------------------------------------------------------
+# 5. Custom operators for torch.compile
+# ---------------------------------------------------------------------------------------
+def _empty_like_layout(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """An uninitialized tensor shaped and laid out as the operators' outputs for `x`."""
+    return torch.empty_strided(x.shape, _layout_strides(x.shape, _memory_perm(x)),
+                               dtype=dtype or x.dtype, device=x.device)
+
+
+def _stats_copy(t: Tensor | None) -> Tensor | None:
+    """A fresh contiguous copy of `t` (the functional operator updates the copy)."""
+    return None if t is None else t.detach().clone(memory_format=torch.contiguous_format)
+
+
+# The signatures are parsed by torch.library.custom_op to build the operator schemas; they
+# use typing.Optional, the spelling every torch with custom_op understands.
 @torch.library.custom_op("fastbn::batch_norm_train", mutates_args=())
 def _batch_norm_train(
     input: Tensor,
@@ -176,39 +706,16 @@ def _batch_norm_train(
     momentum: float,
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Training-mode batch norm over every dimension but 1.
+    """Training-mode batch norm over every dimension but 1, functional.
 
-    Returns ``(output, save_mean, save_invstd, new_running_mean, new_running_var)``.
-    The new running statistics are empty tensors when none were given.
+    Returns ``(output, save_mean, save_invstd, new_running_mean, new_running_var)``; the
+    new running statistics are empty tensors when none were given.
     """
-    fastbn = _fastbn()
-    perm = _memory_perm(input)
-    axis = perm.index(1)
-    sdt = _stats_dtype(input.dtype)
-    xp = input.detach().permute(perm).contiguous()
-    new_rm = _stats_copy(running_mean, sdt)
-    new_rv = _stats_copy(running_var, sdt)
-    with _array_bridge(input.device) as (arr, tensor):
-        y, mean, invstd = fastbn.batch_norm_forward(
-            arr(xp),
-            arr(_stats_operand(weight, sdt)),
-            arr(_stats_operand(bias, sdt)),
-            eps=eps,
-            axis=axis,
-            running_mean=arr(new_rm),
-            running_var=arr(new_rv),
-            momentum=momentum,
-        )
-        y, mean, invstd = tensor(y), tensor(mean), tensor(invstd)
-    y = y.reshape(xp.shape).permute(_inverse(perm))
-    empty = input.new_empty((0,), dtype=sdt)
-    return (
-        y,
-        mean,
-        invstd,
-        empty if new_rm is None else new_rm,
-        empty.clone() if new_rv is None else new_rv,
-    )
+    new_rm, new_rv = _stats_copy(running_mean), _stats_copy(running_var)
+    y, mean, invstd = _train(input, weight, bias, new_rm, new_rv, momentum, eps)
+    empty = input.new_empty((0,), dtype=_stats_dtype(input.dtype))
+    return (y, mean, invstd, empty if new_rm is None else new_rm,
+            empty.clone() if new_rv is None else new_rv)
 
 
 @_batch_norm_train.register_fake
@@ -217,9 +724,10 @@ def _(input, weight, bias, running_mean, running_var, momentum, eps):
     c = input.shape[1]
     stats = [input.new_empty((c,), dtype=sdt) for _ in range(2)]
     new_running = [
-        input.new_empty((0,) if r is None else (c,), dtype=sdt) for r in (running_mean, running_var)
+        input.new_empty((0,), dtype=sdt) if r is None else torch.empty_like(
+            r, memory_format=torch.contiguous_format) for r in (running_mean, running_var)
     ]
-    return (_empty_like_layout(input, _memory_perm(input)), *stats, *new_running)
+    return (_empty_like_layout(input), *stats, *new_running)
 
 
 @torch.library.custom_op("fastbn::batch_norm_eval", mutates_args=())
@@ -232,28 +740,12 @@ def _batch_norm_eval(
     eps: float,
 ) -> Tensor:
     """Evaluation-mode batch norm: normalize with the given statistics."""
-    fastbn = _fastbn()
-    perm = _memory_perm(input)
-    sdt = _stats_dtype(input.dtype)
-    xp = input.detach().permute(perm).contiguous()
-    with _array_bridge(input.device) as (arr, tensor):
-        y = fastbn.batch_norm(
-            arr(xp),
-            running_mean=arr(_stats_operand(running_mean, sdt)),
-            running_var=arr(_stats_operand(running_var, sdt)),
-            weight=arr(_stats_operand(weight, sdt)),
-            bias=arr(_stats_operand(bias, sdt)),
-            training=False,
-            eps=eps,
-            axis=perm.index(1),
-        )
-        y = tensor(y)
-    return y.reshape(xp.shape).permute(_inverse(perm))
+    return _eval(input, running_mean, running_var, weight, bias, eps)
 
 
 @_batch_norm_eval.register_fake
 def _(input, running_mean, running_var, weight, bias, eps):
-    return _empty_like_layout(input, _memory_perm(input))
+    return _empty_like_layout(input)
 
 
 @torch.library.custom_op("fastbn::batch_norm_backward", mutates_args=())
@@ -264,172 +756,80 @@ def _batch_norm_backward(
     save_invstd: Tensor,
     weight: Optional[Tensor],  # noqa: UP045
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradient of the training-mode forward with statistics ``save_mean``/``save_invstd``.
-
-    Returns ``(grad_input, grad_weight, grad_bias)``; the last two in the statistics
-    dtype and computed even when `weight` is None (they are then simply unused).
-    ``grad_input`` has the memory layout of `input`.
-    """
-    fastbn = _fastbn()
-    perm = _memory_perm(input)
-    sdt = _stats_dtype(input.dtype)
-    xp = input.detach().permute(perm).contiguous()
-    dyp = grad_output.detach().to(input.dtype).permute(perm).contiguous()
-    with _array_bridge(input.device) as (arr, tensor):
-        dx, dw, db = fastbn.batch_norm_backward(
-            arr(dyp),
-            arr(xp),
-            arr(_stats_operand(save_mean, sdt)),
-            arr(_stats_operand(save_invstd, sdt)),
-            arr(_stats_operand(weight, sdt)),
-            axis=perm.index(1),
-        )
-        dx, dw, db = tensor(dx), tensor(dw), tensor(db)
-    return dx.reshape(xp.shape).permute(_inverse(perm)), dw, db
+    """Gradient of the training forward: ``(grad_input, grad_weight, grad_bias)``, the
+    last two in the statistics dtype and computed even when `weight` is None."""
+    return _backward(grad_output, input, save_mean, save_invstd, weight)
 
 
 @_batch_norm_backward.register_fake
 def _(grad_output, input, save_mean, save_invstd, weight):
     sdt = _stats_dtype(input.dtype)
     c = input.shape[1]
-    return (
-        _empty_like_layout(input, _memory_perm(input)),
-        input.new_empty((c,), dtype=sdt),
-        input.new_empty((c,), dtype=sdt),
-    )
+    return (_empty_like_layout(input), input.new_empty((c,), dtype=sdt),
+            input.new_empty((c,), dtype=sdt))
 
 
-def _cast_grad(g: Tensor, like: Tensor | None) -> Tensor | None:
-    return None if like is None else g.to(like.dtype)
-
-
-def _train_setup_context(ctx, inputs, output):
-    input, weight, _bias, _rm, _rv, _momentum, _eps = inputs
+def _op_train_setup_context(ctx, inputs, output):
+    input, weight, bias, _rm, _rv, _momentum, _eps = inputs
     _y, mean, invstd, _nrm, _nrv = output
     ctx.save_for_backward(input, weight, mean, invstd)
-    ctx.has_bias = _bias is not None
-    ctx.bias_dtype = None if _bias is None else _bias.dtype
+    ctx.has_bias = bias is not None
+    ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-def _train_backward(ctx, grad_y, _g_mean, _g_invstd, _g_rm, _g_rv):
+def _op_train_backward(ctx, grad_y, _g_mean, _g_invstd, _g_rm, _g_rv):
     # Gradients reaching save_mean/save_invstd/new running stats are ignored:
-    # fastbn.torch.batch_norm never exposes those outputs to differentiable code.
+    # batch_norm never exposes those outputs to differentiable code.
     input, weight, mean, invstd = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     if not (need_x or need_w or need_b):
         return None, None, None, None, None, None, None
     dx, dw, db = torch.ops.fastbn.batch_norm_backward(grad_y, input, mean, invstd, weight)
-    return (
-        dx if need_x else None,
-        _cast_grad(dw, weight) if need_w else None,
-        db.to(ctx.bias_dtype) if need_b and ctx.has_bias else None,
-        None,
-        None,
-        None,
-        None,
-    )
+    return (dx if need_x else None, _cast(dw, weight) if need_w else None,
+            db.to(ctx.bias_dtype) if need_b and ctx.has_bias else None, None, None, None, None)
 
 
-_batch_norm_train.register_autograd(_train_backward, setup_context=_train_setup_context)
+_batch_norm_train.register_autograd(_op_train_backward, setup_context=_op_train_setup_context)
 
 
-def _eval_setup_context(ctx, inputs, output):
+def _op_eval_setup_context(ctx, inputs, output):
     input, running_mean, running_var, weight, bias, eps = inputs
     ctx.save_for_backward(input, running_mean, running_var, weight)
     ctx.eps = eps
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-def _eval_backward(ctx, grad_y):
-    # y = (x - rm) * w / sqrt(rv + eps) + b with constant statistics, so
-    #   dx = dy * w / sqrt(rv + eps)  -- the eval-mode forward applied to dy with mean 0
-    #        and no bias, i.e. the same fastbn kernel;
-    #   dw = sum(dy * xhat), db = sum(dy) -- the two reductions of the training backward,
-    #        evaluated at mean = rm, invstd = 1/sqrt(rv + eps) (its dx is not used).
+def _op_eval_backward(ctx, grad_y):
     input, running_mean, running_var, weight = ctx.saved_tensors
     need_x, _, _, need_w, need_b = ctx.needs_input_grad[:5]
     dx = dw = db = None
-    if need_x:
+    if need_x:  # see _eval_backward
         dx = torch.ops.fastbn.batch_norm_eval(
-            grad_y, torch.zeros_like(running_mean), running_var, weight, None, ctx.eps
-        )
-    if need_w or need_b:
+            grad_y, torch.zeros_like(running_mean), running_var, weight, None, ctx.eps)
+    if need_w or (need_b and ctx.bias_dtype is not None):
         sdt = _stats_dtype(input.dtype)
         invstd = torch.rsqrt(running_var.to(sdt) + ctx.eps)
         _, gw, gb = torch.ops.fastbn.batch_norm_backward(
-            grad_y, input, running_mean.to(sdt), invstd, weight
-        )
-        dw = _cast_grad(gw, weight) if need_w else None
+            grad_y, input, running_mean.to(sdt), invstd, weight)
+        dw = _cast(gw, weight) if need_w else None
         db = gb.to(ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None
     return dx, None, None, dw, db, None
 
 
-_batch_norm_eval.register_autograd(_eval_backward, setup_context=_eval_setup_context)
+_batch_norm_eval.register_autograd(_op_eval_backward, setup_context=_op_eval_setup_context)
 
 
 # ---------------------------------------------------------------------------------------
-# 3. The functional API
+# 6. The functional API
 # ---------------------------------------------------------------------------------------
-def _check_tensor_arg(name: str, t, input: Tensor) -> None:
-    if t is None:
-        return
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
-    if t.device != input.device:
-        raise ValueError(
-            f"{name} is on device {t.device} but input is on {input.device}: "
-            "all tensors must be on the same device"
-        )
-    allowed = {input.dtype, _stats_dtype(input.dtype)}
-    if t.dtype not in allowed:
-        names = " or ".join(sorted(str(d) for d in allowed))
-        raise TypeError(f"{name} must have dtype {names} for {input.dtype} input, got {t.dtype}")
-    c = input.shape[1]
-    if t.dim() != 1 or t.shape[0] != c:
-        raise ValueError(
-            f"{name} must have shape ({c},) (one value per feature of input dimension 1), "
-            f"got {tuple(t.shape)}"
-        )
-
-
-def _check(input, running_mean, running_var, weight, bias, training, momentum, eps) -> None:
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-    if input.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(
-            f"input must have dtype torch.float16, torch.float32 or torch.float64, got {input.dtype}"
-        )
-    if input.device.type not in _SUPPORTED_DEVICES:
-        raise ValueError(
-            f"input is on device {input.device}: fastbn has kernels for 'cpu' and 'cuda' tensors only"
-        )
-    if input.dim() < 2:
-        raise ValueError(
-            f"input must have at least 2 dimensions (N, C, ...), got shape {tuple(input.shape)}"
-        )
-    for name, t in (
-        ("running_mean", running_mean),
-        ("running_var", running_var),
-        ("weight", weight),
-        ("bias", bias),
-    ):
-        _check_tensor_arg(name, t, input)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must either both be None or neither be None")
-    training = _validation.check_bool("training", training)
-    if not training and running_mean is None:
-        raise ValueError("running_mean and running_var are required when training=False")
-    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
-        raise TypeError(f"momentum must be a float, got {type(momentum).__name__}")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
-    if not eps >= 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
-    if training and math.prod(input.shape) // input.shape[1] == 1:
-        # torch.nn.functional.batch_norm's own check and message
-        raise ValueError(
-            f"Expected more than 1 value per channel when training, got input size {input.size()}"
-        )
+def _needs_autograd(input, weight, bias) -> bool:
+    """Whether the call must go through an autograd.Function (gradients to record, a
+    forward-AD level open, or a torch.func transform active)."""
+    if torch._C._are_functorch_transforms_active() or _fwad._current_level >= 0:
+        return True
+    return torch.is_grad_enabled() and (
+        input.requires_grad or (weight is not None and weight.requires_grad)
+        or (bias is not None and bias.requires_grad))
 
 
 def batch_norm(
@@ -449,8 +849,8 @@ def batch_norm(
     Parameters
     ----------
     input : torch.Tensor
-        Shape ``(N, C, ...)``, dtype float16, float32 or float64, on a CPU or CUDA
-        device, in any memory format (``channels_last`` stays zero-copy).
+        Shape ``(N, C, ...)``, dtype float16, bfloat16, float32 or float64, on a CPU or
+        CUDA device, in any memory format (``channels_last`` stays zero-copy).
     running_mean, running_var : torch.Tensor or None
         Shape ``(C,)``. In training they are updated in place,
         ``running = (1 - momentum) * running + momentum * batch_stat``, with the
@@ -461,33 +861,34 @@ def batch_norm(
         Normalize with batch statistics (and update the running ones) if True, with the
         running statistics if False.
     momentum : float
-        Weight of the new batch statistics in the running average.
+        Weight of the new batch statistics in the running average (any float, as in torch).
     eps : float
-        Added to the variance before the square root; must be >= 0.
+        Added to the variance before the square root: > 0 in training, >= 0 in evaluation
+        (torch's rule).
 
     Returns
     -------
     torch.Tensor
-        Same shape, dtype, device and memory format as `input`. Differentiable with
-        respect to `input`, `weight` and `bias` (first order).
+        A new tensor (not a view: in-place operations on it are fine under autograd) with
+        the shape, dtype, device and memory format of `input`. Differentiable with respect
+        to `input`, `weight` and `bias` to any order, in reverse and forward mode, and
+        under ``torch.func`` transforms.
 
     Raises
     ------
     TypeError
-        If an argument is not a tensor where one is expected, or has an unsupported
-        dtype (integer, bfloat16, or a weight/statistic dtype that does not match
-        `input`).
+        If an argument is not a tensor where one is expected, or a dtype is unsupported
+        or mixed (:class:`BatchNormTypeError`, also a RuntimeError as in torch).
     ValueError
-        If `input` is on a device other than cpu/cuda, tensors are on different devices,
-        shapes do not match, `eps` < 0, only one running statistic is given, running
-        statistics are missing in evaluation, or a training batch has one value per
-        channel.
+        For torch's ``ValueError`` cases (one value per channel in training, eps out of
+        range, one running statistic without the other) and, as :class:`BatchNormError`
+        (also a RuntimeError as in torch), for shape and device mismatches or missing
+        running statistics in evaluation.
 
     Notes
     -----
-    float16 input uses float32 statistics; float16 `weight`, `bias` and running
-    statistics are accepted and converted (the running statistics are written back in
-    their own dtype).
+    Parameters and running statistics share one dtype: the input's, or float32 for
+    float16 and bfloat16 input (torch's CPU rule); statistics are float32 then.
 
     Examples
     --------
@@ -498,28 +899,44 @@ def batch_norm(
     >>> y.shape
     torch.Size([8, 3, 4, 4])
     """
+    if has_torch_function_variadic(input, running_mean, running_var, weight, bias):
+        return handle_torch_function(
+            batch_norm, (input, running_mean, running_var, weight, bias), input, running_mean,
+            running_var, weight=weight, bias=bias, training=training, momentum=momentum, eps=eps)
     _check(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    if not training:
-        return torch.ops.fastbn.batch_norm_eval(
-            input, running_mean, running_var, weight, bias, float(eps)
-        )
-    y, _mean, _invstd, new_rm, new_rv = torch.ops.fastbn.batch_norm_train(
-        input, weight, bias, running_mean, running_var, float(momentum), float(eps)
-    )
-    if running_mean is not None:
-        with torch.no_grad():
-            running_mean.copy_(new_rm)
-            running_var.copy_(new_rv)
-    return y
+    if input.numel() == 0:
+        return _empty(input, weight, bias)
+    momentum, eps = float(momentum), float(eps)
+    if torch.compiler.is_compiling():
+        if not training:
+            return torch.ops.fastbn.batch_norm_eval(input, running_mean, running_var, weight,
+                                                    bias, eps)
+        y, _mean, _invstd, new_rm, new_rv = torch.ops.fastbn.batch_norm_train(
+            input, weight, bias, running_mean, running_var, momentum, eps)
+        if running_mean is not None:
+            with torch.no_grad():
+                running_mean.copy_(new_rm)
+                running_var.copy_(new_rv)
+        return y
+    if _needs_autograd(input, weight, bias):
+        if training:
+            return _TrainFn.apply(input, weight, bias, running_mean, running_var, momentum,
+                                  eps)[0]
+        return _EvalFn.apply(input, running_mean, running_var, weight, bias, eps)
+    if training:
+        return _train(input, weight, bias, running_mean, running_var, momentum, eps)[0]
+    return _eval(input, running_mean, running_var, weight, bias, eps)
 
 
 # ---------------------------------------------------------------------------------------
-# 4. Modules
+# 7. Modules
 # ---------------------------------------------------------------------------------------
 class _FastBatchNormMixin:
     """forward() of torch's ``_BatchNorm``, with fastbn doing the normalization."""
 
     def forward(self, input: Tensor) -> Tensor:
+        if not isinstance(input, Tensor):
+            return self._symbolic(input)
         self._check_input_dim(input)
         # The rest mirrors torch.nn.modules.batchnorm._BatchNorm.forward line for line.
         if self.momentum is None:
@@ -549,6 +966,30 @@ class _FastBatchNormMixin:
             exponential_average_factor,
             self.eps,
         )
+
+    def _symbolic(self, proxy):
+        """Under ``torch.fx`` symbolic tracing: record this module as one ``call_module``
+        node (a leaf, as torch's BatchNorm is), instead of tracing into its Python."""
+        tracer = getattr(proxy, "tracer", None)
+        if tracer is None:
+            raise TypeError(f"input must be a torch.Tensor, got {type(proxy).__name__}")
+        path = tracer.path_of_module(self)
+        if not path:
+            raise TypeError(
+                f"{type(self).__name__} cannot be the root of a torch.fx trace (torch's "
+                "BatchNorm cannot either); trace the model that contains it"
+            )
+        return tracer.create_proxy("call_module", path, (proxy,), {})
+
+    def __prepare_scriptable__(self):
+        # TorchScript cannot call fastbn's Python kernels: script torch's module, which
+        # shares this one's parameters and buffers, and say so.
+        warnings.warn(
+            f"torch.jit.script: {type(self).__name__} is scripted as torch's "
+            f"{self._torch_class.__name__} (same parameters and buffers), because TorchScript "
+            "cannot call fastbn's kernels; use torch.compile to keep them",
+            UserWarning, stacklevel=2)
+        return _rebuilt(self, self._torch_class)
 
 
 class BatchNorm1d(_FastBatchNormMixin, torch.nn.BatchNorm1d):
@@ -631,6 +1072,11 @@ class BatchNorm3d(_FastBatchNormMixin, torch.nn.BatchNorm3d):
     """
 
 
+
+BatchNorm1d._torch_class = torch.nn.BatchNorm1d
+BatchNorm2d._torch_class = torch.nn.BatchNorm2d
+BatchNorm3d._torch_class = torch.nn.BatchNorm3d
+
 _REPLACEMENTS = {
     torch.nn.BatchNorm1d: BatchNorm1d,
     torch.nn.BatchNorm2d: BatchNorm2d,
@@ -638,8 +1084,8 @@ _REPLACEMENTS = {
 }
 
 
-def _converted(module: torch.nn.Module) -> torch.nn.Module:
-    cls = _REPLACEMENTS[type(module)]
+def _rebuilt(module: torch.nn.Module, cls) -> torch.nn.Module:
+    """A `cls` module sharing `module`'s parameters, buffers and train/eval mode."""
     new = cls(
         module.num_features,
         eps=module.eps,
@@ -656,8 +1102,6 @@ def _converted(module: torch.nn.Module) -> torch.nn.Module:
         new._buffers[name] = module._buffers.get(name)
     new.train(module.training)
     return new
-
-
 def convert(model: torch.nn.Module) -> torch.nn.Module:
     """Swap every :class:`torch.nn.BatchNorm1d`/``2d``/``3d`` in `model` for fastbn's.
 
@@ -694,9 +1138,28 @@ def convert(model: torch.nn.Module) -> torch.nn.Module:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if type(model) in _REPLACEMENTS:
-        return _converted(model)
+        return _rebuilt(model, _REPLACEMENTS[type(model)])
     for parent in list(model.modules()):
         for name, child in list(parent._modules.items()):
             if child is not None and type(child) in _REPLACEMENTS:
-                parent._modules[name] = _converted(child)
+                parent._modules[name] = _rebuilt(child, _REPLACEMENTS[type(child)])
     return model
+
+
+def _register_fusers() -> None:
+    """Let ``torch.ao.quantization.fuse_modules`` fuse fastbn's modules as it fuses
+    torch's: each default (conv/linear, BatchNorm[, ReLU]) pattern is registered again
+    with fastbn's class in the BatchNorm position, with the same fuser method."""
+    try:
+        from torch.ao.quantization import fuser_method_mappings as fmm
+    except ImportError:  # pragma: no cover - torch built without torch.ao
+        return
+    table = getattr(fmm, "_DEFAULT_OP_LIST_TO_FUSER_METHOD", None)
+    if not isinstance(table, dict):  # pragma: no cover - a torch that changed it
+        return
+    for pattern, method in list(table.items()):
+        if any(t in _REPLACEMENTS for t in pattern):
+            table.setdefault(tuple(_REPLACEMENTS.get(t, t) for t in pattern), method)
+
+
+_register_fusers()

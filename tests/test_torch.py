@@ -274,20 +274,21 @@ def test_functional_updates_running_stats_in_place_like_torch():
 
 
 def test_cpu_tensors_are_passed_zero_copy(monkeypatch):
-    # Record the memory fastbn's public API receives: a channels_last tensor must arrive as
-    # the same buffer (permuted to NHWC), not a copy.
+    # Record the memory the kernels receive: a channels_last tensor must arrive as the same
+    # buffer, viewed as (N*H*W, C, 1) rows, not a copy; the output is a fresh tensor (not a
+    # view) in the same memory format.
     seen = {}
-    real = fastbn.batch_norm_forward
+    real = fastbn.functional._forward_train3
 
-    def spy(x, *args, **kwargs):
-        seen["ptr"], seen["shape"], seen["axis"] = x.ctypes.data, x.shape, kwargs["axis"]
-        return real(x, *args, **kwargs)
+    def spy(x3, *args, **kwargs):
+        seen["ptr"], seen["shape"] = x3.ctypes.data, x3.shape
+        return real(x3, *args, **kwargs)
 
-    monkeypatch.setattr(fastbn, "batch_norm_forward", spy)
+    monkeypatch.setattr(fastbn.functional, "_forward_train3", spy)
     x = torch.randn(4, 3, 5, 6).to(memory_format=torch.channels_last)
     y = ft.batch_norm(x, None, None, training=True)
-    assert seen == {"ptr": x.data_ptr(), "shape": (4, 5, 6, 3), "axis": 3}
-    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert seen == {"ptr": x.data_ptr(), "shape": (4 * 5 * 6, 3, 1)}
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y._is_view()
 
 
 # ---------------------------------------------------------------------------------------
@@ -475,35 +476,44 @@ def test_errors_name_the_argument():
     rm, rv = torch.zeros(3), torch.ones(3)
     with pytest.raises(TypeError, match="input must have dtype.*torch.int64"):
         ft.batch_norm(torch.ones(4, 3, dtype=torch.int64), rm, rv)
-    with pytest.raises(TypeError, match="input must have dtype.*bfloat16"):
-        ft.batch_norm(x.bfloat16(), rm, rv)
     with pytest.raises(TypeError, match="input must be a torch.Tensor"):
         ft.batch_norm(x.numpy(), rm, rv)
     with pytest.raises(ValueError, match="input is on device meta"):
         ft.batch_norm(x.to("meta"), rm.to("meta"), rv.to("meta"))
     with pytest.raises(ValueError, match="weight is on device meta but input is on cpu"):
         ft.batch_norm(x, rm, rv, weight=torch.ones(3, device="meta"))
-    with pytest.raises(TypeError, match="bias must have dtype torch.float32 for torch.float32 input, got torch.float64"):
+    with pytest.raises(TypeError, match="must all have one dtype, torch.float32, for torch.float32 "
+                       "input; got torch.float32, torch.float64"):
         ft.batch_norm(x, rm, rv, bias=torch.zeros(3, dtype=torch.float64))
-    with pytest.raises(ValueError, match=r"weight must have shape \(3,\)"):
+    with pytest.raises(ValueError, match="weight should contain 3 elements not 4"):
         ft.batch_norm(x, rm, rv, weight=torch.ones(4))
     with pytest.raises(ValueError, match="both be None or neither"):
         ft.batch_norm(x, rm, None, training=True)
-    with pytest.raises(ValueError, match="required when training=False"):
+    with pytest.raises(ValueError, match="running_mean must be defined in evaluation mode"):
         ft.batch_norm(x, None, None, training=False)
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         ft.batch_norm(torch.randn(1, 3), rm, rv, training=True)
-    with pytest.raises(ValueError, match="eps must be >= 0"):
+    with pytest.raises(ValueError, match="eps must be non-negative"):
         ft.batch_norm(x, rm, rv, eps=-1.0)
+    with pytest.raises(ValueError, match="eps must be positive during training"):
+        ft.batch_norm(x, rm, rv, training=True, eps=0.0)
     with pytest.raises(TypeError, match="training must be a bool"):
         ft.batch_norm(x, rm, rv, training="yes")
     with pytest.raises(ValueError, match="at least 2 dimensions"):
         ft.batch_norm(torch.randn(5), None, None, training=True)
+    with pytest.raises(TypeError, match="input has layout torch.sparse_coo"):
+        ft.batch_norm(x.to_sparse(), rm, rv)
+    # torch raises RuntimeError for shape and dtype mismatches: so does fastbn.torch
+    with pytest.raises(RuntimeError, match="running_mean should contain 3 elements not 2"):
+        ft.batch_norm(x, rm[:2], rv[:2])
+    with pytest.raises(RuntimeError, match="must all have one dtype"):
+        ft.batch_norm(x, rm.double(), rv.double())
 
 
 def test_errors_leave_running_stats_untouched():
     rm, rv = torch.zeros(3), torch.ones(3)
-    for bad in ({"weight": torch.ones(2)}, {"momentum": 2.0}, {"bias": torch.ones(3, dtype=torch.float64)}):
+    for bad in ({"weight": torch.ones(2)}, {"eps": 0.0}, {"bias": torch.ones(3, dtype=torch.float64)},
+                {"momentum": "0.1"}):
         with pytest.raises((TypeError, ValueError)):
             ft.batch_norm(torch.randn(4, 3), rm, rv, training=True, **bad)
         assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
@@ -548,3 +558,146 @@ def test_cuda_parity_on_a_side_stream(layout):
         assert_close(a, b, tol, scale=b.abs().max().item() + 1)
     with pytest.raises(ValueError, match="running_mean is on device cpu"):
         ft.batch_norm(x, torch.zeros(16), torch.ones(16, device="cuda"))
+
+
+# ---------------------------------------------------------------------------------------
+# torch 2.13's semantics at the edges (torch is the reference in each case)
+# ---------------------------------------------------------------------------------------
+def _both(fn):
+    """fn(batch_norm) for torch's functional and fastbn's: (torch result, fastbn result)."""
+    return fn(torch.nn.functional.batch_norm), fn(ft.batch_norm)
+
+
+def test_momentum_outside_unit_interval_like_torch():
+    x = torch.randn(6, 3, 4, dtype=torch.float64)
+    for momentum in (-1.0, 1.5):
+        (rm_t, rv_t), (rm_f, rv_f) = _both(lambda bn: _stats_after(bn, x, momentum))
+        torch.testing.assert_close(rm_f, rm_t, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(rv_f, rv_t, rtol=1e-12, atol=1e-12)
+
+
+def _stats_after(bn, x, momentum):
+    rm, rv = torch.full((3,), 0.5, dtype=x.dtype), torch.full((3,), 2.0, dtype=x.dtype)
+    bn(x, rm, rv, training=True, momentum=momentum)
+    return rm, rv
+
+
+def test_empty_inputs_like_torch():
+    cases = [
+        (torch.randn(0), True),                                          # 1-d, empty
+        (torch.randn(0, 3, 4, 4, dtype=torch.float64), False),           # float64 vs float32 stats
+        (torch.randn(0, 3, 4, 4).to(memory_format=torch.channels_last), True),
+    ]
+    for x, training in cases:
+        c = x.shape[1] if x.dim() > 1 else 0
+        t, f = _both(lambda bn: bn(x, torch.zeros(c), torch.ones(c), training=training))
+        assert (f.shape, f.dtype, f.stride()) == (t.shape, t.dtype, t.stride())
+
+
+def test_check_order_like_torch():
+    # torch checks the batch size, then eps, then dtypes: the first failing check decides
+    xi = torch.ones(4, 3, dtype=torch.int64)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    for bn in (torch.nn.functional.batch_norm, ft.batch_norm):
+        with pytest.raises(ValueError, match="eps must be positive during training"):
+            bn(xi, rm, rv, training=True, eps=0.0)
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            bn(torch.randn(1, 3), rm, rv, training=True, eps=0.0)
+
+
+def test_errors_are_catchable_as_torchs():
+    x = torch.randn(4, 3)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    cases = [
+        dict(running_mean=torch.zeros(4), running_var=torch.ones(4)),
+        dict(running_mean=rm, running_var=rv, weight=torch.ones(2)),
+        dict(running_mean=rm.double(), running_var=rv.double()),
+        dict(running_mean=None, running_var=None, training=False),
+    ]
+    for kwargs in cases:
+        for bn in (torch.nn.functional.batch_norm, ft.batch_norm):
+            with pytest.raises(RuntimeError):
+                bn(x, **kwargs)
+    # running statistics are not differentiable, in torch or here
+    rmg = torch.zeros(3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="running_mean"):
+        ft.batch_norm(x.requires_grad_(), rmg, rv, training=False)
+
+
+def test_mixed_precision_parameters_like_torch():
+    # float16 input: parameters all float16 or all float32; anything else is an error
+    x = torch.randn(8, 3, 4).half()
+    for p_dtype in (torch.float16, torch.float32):
+        t, f = _both(lambda bn: bn(x, torch.zeros(3, dtype=p_dtype), torch.ones(3, dtype=p_dtype),
+                                   torch.ones(3, dtype=p_dtype), torch.zeros(3, dtype=p_dtype),
+                                   training=True))
+        assert f.dtype == t.dtype == torch.float16
+        assert_close(f.float(), t.float(), 4 * 2.0**-11, what="float16 output")
+    for bn in (torch.nn.functional.batch_norm, ft.batch_norm):
+        with pytest.raises(RuntimeError):
+            bn(x, torch.zeros(3, dtype=torch.float16), torch.ones(3, dtype=torch.float16),
+               torch.ones(3), training=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Ecosystem tools on converted models
+# ---------------------------------------------------------------------------------------
+def _tool_model():
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(inplace=True),
+        torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 5), torch.nn.BatchNorm1d(5))
+    m = ft.convert(m)
+    m(torch.randn(4, 3, 8, 8))  # non-trivial running statistics
+    return m.eval()
+
+
+def test_fx_traces_the_modules_as_leaves():
+    m = _tool_model()
+    x = torch.randn(2, 3, 8, 8)
+    gm = torch.fx.symbolic_trace(m)
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    assert targets == ["0", "1", "2", "3", "4", "5"]
+    assert isinstance(gm.get_submodule("1"), ft.BatchNorm2d)
+    assert torch.equal(gm(x), m(x))
+    from torch.fx.experimental.optimization import fuse
+
+    # torch's fx fuse folds only exact torch types: the graph runs, fastbn's module kept
+    fused = fuse(copy.deepcopy(m))
+    assert torch.equal(fused(x), m(x))
+    with pytest.raises(TypeError, match="cannot be the root of a torch.fx trace"):
+        torch.fx.symbolic_trace(ft.BatchNorm2d(4))
+
+
+def test_quantization_fuse_modules():
+    m = _tool_model()
+    x = torch.randn(2, 3, 8, 8)
+    fused = torch.ao.quantization.fuse_modules(copy.deepcopy(m), [["0", "1", "2"], ["4", "5"]])
+    names = [type(c).__name__ for c in fused.children()]
+    assert names == ["ConvReLU2d", "Identity", "Identity", "Flatten", "Linear", "Identity"]
+    # the folded weights: float32 rounding of conv (27 terms) and BN scale, so a few ulps
+    assert_close(fused(x), m(x), 64 * 2.0**-24, scale=m(x).abs().max().item() + 1)
+
+
+def test_torchscript_scripts_torchs_module_with_a_warning():
+    m = _tool_model()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.warns(UserWarning, match="TorchScript cannot call fastbn's kernels"):
+        s = torch.jit.script(m)
+    assert torch.equal(s(x), m(x))
+    # the scripted module shares the parameters and buffers
+    assert getattr(s, "1").running_mean.data_ptr() == m[1].running_mean.data_ptr()
+
+
+def test_convert_sync_batchnorm_gives_torchs_module_as_documented():
+    m = _tool_model()
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(m))
+    assert type(synced[1]) is torch.nn.SyncBatchNorm
+    # fastbn.torch.convert leaves SyncBatchNorm alone
+    assert type(ft.convert(synced)[1]) is torch.nn.SyncBatchNorm
+
+
+def test_mkldnn_input_gets_a_clear_error():
+    bn = ft.BatchNorm2d(3).eval()
+    with pytest.raises(TypeError, match="input has layout torch._mkldnn.*to_dense"):
+        bn(torch.randn(2, 3, 4, 4).to_mkldnn())
