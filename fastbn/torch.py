@@ -100,10 +100,12 @@ def _check(input, running_mean, running_var, weight, bias, training, momentum, e
     tensors' devices, shapes and dtypes."""
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
-    training = _validation.check_bool("training", training)
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+    if type(training) is not bool:
+        training = _validation.check_bool("training", training)
+    if type(eps) is not float and (isinstance(eps, bool) or not isinstance(eps, numbers.Real)):
         raise TypeError(f"eps must be a float, got {type(eps).__name__}")
-    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+    if type(momentum) is not float and (
+            isinstance(momentum, bool) or not isinstance(momentum, numbers.Real)):
         raise TypeError(f"momentum must be a float, got {type(momentum).__name__}")
     shape = input.shape
     if training and input.dim() >= 1 and shape[0] * math.prod(shape[2:]) == 1:
