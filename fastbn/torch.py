@@ -544,6 +544,20 @@ def _unfold_output(y: Tensor, b: int) -> Tensor:
     return y.reshape(n, b, bc // b, *y.shape[2:]).movedim(1, 0)
 
 
+def _with_affine_tangent(ty, xhat, t_weight, t_bias, input):
+    """The output tangent ``ty + xhat * t_weight + t_bias`` (per channel) in `input`'s dtype,
+    for the tangents that are given (`ty` None: no input tangent; all None: zeros).
+    `xhat` is a callable, evaluated only when `t_weight` is given."""
+    sdt = _stats_dtype(input.dtype)
+    if t_weight is not None:
+        term = xhat() * _per_channel(t_weight.to(sdt), input)
+        ty = term if ty is None else ty + term
+    if t_bias is not None:
+        term = _per_channel(t_bias.to(sdt), input).expand(input.shape)
+        ty = term if ty is None else ty + term
+    return torch.zeros_like(input) if ty is None else ty.to(input.dtype)
+
+
 class _EagerFunction(torch.autograd.Function):
     """Base of the eager Functions: :meth:`apply` without the signature binding that
     ``torch.autograd.Function.apply`` does for ``setup_context`` Functions (it costs
@@ -602,16 +616,8 @@ class _TrainFn(_EagerFunction):
             dxhat = inv * (t - t.mean(dims, keepdim=True)
                            - xhat * (xhat * t).mean(dims, keepdim=True))
             ty = dxhat if weight is None else dxhat * _per_channel(weight.to(sdt), input)
-        if t_weight is not None:
-            term = xhat * _per_channel(t_weight.to(sdt), input)
-            ty = term if ty is None else ty + term
-        if t_bias is not None:
-            term = _per_channel(t_bias.to(sdt), input).expand(xhat.shape)
-            ty = term if ty is None else ty + term
-        if ty is None:
-            ty = torch.zeros_like(input)
         # mean and invstd are marked non-differentiable (batch_norm never returns them)
-        return ty.to(input.dtype), None, None
+        return _with_affine_tangent(ty, lambda: xhat, t_weight, t_bias, input), None, None
 
     @staticmethod
     def vmap(info, in_dims, input, weight, bias, running_mean, running_var, momentum, eps):
@@ -662,16 +668,9 @@ class _EvalFn(_EagerFunction):
         if t_input is not None:
             scale = inv if weight is None else inv * _per_channel(weight.to(sdt), input)
             ty = t_input.to(sdt) * scale
-        if t_weight is not None:
-            xhat = (input.to(sdt) - _per_channel(running_mean.to(sdt), input)) * inv
-            term = xhat * _per_channel(t_weight.to(sdt), input)
-            ty = term if ty is None else ty + term
-        if t_bias is not None:
-            term = _per_channel(t_bias.to(sdt), input).expand(input.shape)
-            ty = term if ty is None else ty + term
-        if ty is None:
-            ty = torch.zeros_like(input)
-        return ty.to(input.dtype)
+        return _with_affine_tangent(
+            ty, lambda: (input.to(sdt) - _per_channel(running_mean.to(sdt), input)) * inv,
+            t_weight, t_bias, input)
 
     @staticmethod
     def vmap(info, in_dims, input, running_mean, running_var, weight, bias, eps):
