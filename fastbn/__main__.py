@@ -162,6 +162,17 @@ def _warmup_shapes(serial_max: int) -> list[tuple[tuple[int, ...], int]]:
     ]
 
 
+def _warmup_dtypes(cpu) -> list:
+    """The CPU backend's dtypes, and bfloat16 where its conversions compile (ml_dtypes is a
+    dependency; a bfloat16 array needs it imported, :func:`fastbn.backends.bfloat16_dtype`)."""
+    import ml_dtypes
+
+    from fastbn.backends import _half
+
+    extra = [np.dtype(ml_dtypes.bfloat16)] if _half.bfloat16_supported()[0] else []
+    return [*cpu.dtypes, *extra]
+
+
 def cmd_warmup(args) -> int:
     """Compile (or load from the cache) every CPU kernel; print where the cache is."""
     import fastbn
@@ -172,7 +183,7 @@ def cmd_warmup(args) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         rng = np.random.default_rng(0)
-        for dtype in cpu.dtypes:
+        for dtype in _warmup_dtypes(cpu):
             sdt = cpu.stats_dtype(dtype)
             for shape, axis in _warmup_shapes(getattr(cpu, "SERIAL_MAX", 1 << 16)):
                 x = rng.standard_normal(shape).astype(dtype)
@@ -201,7 +212,7 @@ def cmd_warmup(args) -> int:
     if os.path.isdir(cache_dir):
         n_files = sum(1 for f in os.listdir(cache_dir) if f.startswith("cpu.") and f.endswith((".nbi", ".nbc")))
     print(f"warmed up fastbn's CPU kernels in {elapsed:.1f} s "
-          f"(dtypes {', '.join(str(np.dtype(d)) for d in cpu.dtypes)}; channels-first and channels-last; "
+          f"(dtypes {', '.join(str(np.dtype(d)) for d in _warmup_dtypes(cpu))}; channels-first and channels-last; "
           f"serial and parallel)")
     print(f"  {hits} kernel signatures loaded from the cache, {misses} compiled now")
     print(f"Numba cache ({where}): {cache_dir}  ({n_files} cache files of fastbn's CPU kernels)")

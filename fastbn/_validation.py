@@ -11,6 +11,8 @@ import sys
 
 import numpy as np
 
+from .backends import is_bfloat16
+
 __all__ = [
     "as_array",
     "source_library",
@@ -27,8 +29,11 @@ __all__ = [
     "canonical_perm",
 ]
 
+_F16 = np.dtype(np.float16)
 _FLOAT_DTYPES = frozenset(np.dtype(t) for t in (np.float16, np.float32, np.float64))
-#: The floating dtypes any array argument may have (the data's own are per backend).
+#: The floating dtypes any array argument may have (the data's own are per backend), and
+#: ml_dtypes.bfloat16: wherever float16 is accepted, bfloat16 is too (see :func:`_admits`;
+#: it is not in the set, which would need ml_dtypes imported).
 FLOAT_DTYPES = _FLOAT_DTYPES
 
 
@@ -197,31 +202,47 @@ def _dlpack_wrapper(obj):
     return from_dlpack
 
 
+def _admits(dtype, allowed) -> bool:
+    """Whether `dtype` is one of `allowed`, or bfloat16 where `allowed` has float16 (the rule:
+    bfloat16 is accepted wherever float16 is; ml_dtypes' dtypes have kind ``"V"``)."""
+    return dtype in allowed or (dtype.kind == "V" and _F16 in allowed and is_bfloat16(dtype))
+
+
+def _dtype_names(allowed) -> str:
+    names = {str(np.dtype(d)) for d in allowed}
+    if _F16 in allowed:
+        names.add("bfloat16")
+    return ", ".join(sorted(names))
+
+
 def check_float_dtype(name: str, arr, allowed) -> None:
-    """Raise TypeError unless ``arr.dtype`` is one of `allowed`."""
-    if arr.dtype not in allowed:
-        names = ", ".join(sorted(str(np.dtype(d)) for d in allowed))
-        raise TypeError(f"{name} must have a floating dtype ({names}), got {arr.dtype}")
+    """Raise TypeError unless ``arr.dtype`` is one of `allowed` (or bfloat16, if float16 is)."""
+    if not _admits(arr.dtype, allowed):
+        raise TypeError(f"{name} must have a floating dtype ({_dtype_names(allowed)}), got "
+                        f"{arr.dtype}")
 
 
 def _native_float(dtype, allowed):
-    """The native-byte-order twin of a non-native floating `dtype`, if it is `allowed`."""
-    if dtype.kind == "f" and not dtype.isnative:
+    """The native-byte-order twin of a non-native floating `dtype`, if it is `allowed`.
+
+    Floats have kind ``"f"``; bfloat16 (ml_dtypes) has kind ``"V"`` and a byte order too
+    (NumPy byte-swaps it like any 2-byte type)."""
+    if dtype.kind in "fV" and not dtype.isnative:
         native = dtype.newbyteorder("=")
-        if native in allowed:
+        if _admits(native, allowed):
             return native
     return None
 
 
 def _check_float_any_order(name: str, arr, allowed) -> None:
     """Raise TypeError unless ``arr.dtype`` is `allowed` in some byte order."""
-    if arr.dtype not in allowed and _native_float(arr.dtype, allowed) is None:
+    if not _admits(arr.dtype, allowed) and _native_float(arr.dtype, allowed) is None:
         check_float_dtype(name, arr, allowed)
 
 
 def _native(name: str, arr, allowed):
     """`arr` if its dtype is `allowed`, a native-byte-order copy if only that is, else raise."""
-    if arr.dtype in allowed:
+    if _admits(arr.dtype, allowed):
         return arr
     _check_float_any_order(name, arr, allowed)
     return arr.astype(_native_float(arr.dtype, allowed))

@@ -69,6 +69,8 @@ def _prepare(x, axis, backend):
     if dtypes is None:
         dtypes = _dtype_sets[be.name] = frozenset(np.dtype(d) for d in be.dtypes)
     arr = v.check_x("x", arr, dtypes)
+    if arr.dtype not in dtypes:  # bfloat16, accepted with float16: from now on on the fast path
+        _dtype_sets[be.name] = dtypes | {arr.dtype}
     ax = v.check_axis(axis, arr.ndim)
     # the other arguments must come from x's library (a torch CPU tensor is viewed as a
     # NumPy array, but a NumPy weight with it is still a mix of libraries)
@@ -270,7 +272,7 @@ def batch_norm_forward(x, weight=None, bias=None, *, eps=1e-5, axis=1, running_m
         Input with at least 2 dimensions and more than one value per feature: a
         ``numpy.ndarray`` (CPU kernels), ``cupy.ndarray`` or ``__cuda_array_interface__``
         object (GPU kernels), or any ``__dlpack__`` object (returned as the same kind).
-        float16, float32 or float64; any memory layout.
+        float16, bfloat16 (``ml_dtypes.bfloat16``), float32 or float64; any memory layout.
     weight, bias : array or None, optional
         Per-feature scale and shift, shape ``(x.shape[axis],)``; None means 1 and 0.
     eps : float, optional
@@ -292,7 +294,8 @@ def batch_norm_forward(x, weight=None, bias=None, *, eps=1e-5, axis=1, running_m
     y : array
         Normalized output: same shape, dtype and memory layout as `x`.
     save_mean : array
-        Batch mean per feature (float32 for float16 input, else the input dtype).
+        Batch mean per feature (float32 for float16 and bfloat16 input, else the input
+        dtype).
     save_invstd : array
         ``1 / sqrt(var + eps)`` per feature; 0 where ``var + eps == 0``.
 

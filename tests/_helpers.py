@@ -1,5 +1,6 @@
 """Data generators and error bounds shared by the tests."""
 
+import ml_dtypes
 import numpy as np
 
 #: the NumPy backends every CPU test runs on. Listed explicitly (not discovered) so that a
@@ -8,8 +9,8 @@ NUMPY_BACKENDS = ["cpu", "reference"]
 
 
 def unit_roundoff(dtype) -> float:
-    """u = eps / 2 of a floating dtype."""
-    return float(np.finfo(dtype).eps) / 2
+    """u = eps / 2 of a floating dtype (ml_dtypes.finfo knows bfloat16 too)."""
+    return float(ml_dtypes.finfo(dtype).eps) / 2
 
 
 def make_data(rng, shape, axis, dtype, *, scale=1.0, offset_ratio=0.0):

@@ -25,6 +25,7 @@ A naive E[x^2] - E[x]^2 kernel in the data precision fails these bounds by order
 magnitude once r >~ 1 / sqrt(u_s) (about 4e3 in float32): the data below reaches r = 1e4.
 """
 
+import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import assume, given
@@ -34,11 +35,12 @@ from hypothesis.extra import numpy as hnp
 import fastbn
 from _helpers import LAYOUTS, NUMPY_BACKENDS, channel_view, make_data, unit_roundoff, with_layout
 
-DTYPES = [np.float16, np.float32, np.float64]
+BF16 = np.dtype(ml_dtypes.bfloat16)
+DTYPES = [np.float16, BF16.type, np.float32, np.float64]
 
 
 def _stats_dtype(dtype):
-    return np.float32 if dtype == np.float16 else dtype
+    return np.float32 if np.dtype(dtype) in (np.float16, BF16) else dtype
 
 
 @st.composite
@@ -52,10 +54,13 @@ def problems(draw, dtypes=DTYPES):
     dtype = draw(st.sampled_from(dtypes))
     scale = 10.0 ** draw(st.floats(-3, 3))
     offset_ratio = draw(st.sampled_from([0.0, 1.0, 100.0, 1e4]))
-    # float16 holds ~3 significant digits: an offset of 1e4 std would leave no signal at all.
+    # float16 holds ~3 significant digits, bfloat16 ~2: an offset of 1e4 std would leave no
+    # signal at all. (bfloat16 has float32's range: no limit on the scale.)
     if dtype == np.float16:
         offset_ratio = min(offset_ratio, 10.0)
         scale = min(scale, 10.0)
+    if dtype == BF16.type:
+        offset_ratio = min(offset_ratio, 10.0)
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
     x = make_data(rng, shape, axis, dtype, scale=scale, offset_ratio=offset_ratio)
@@ -98,7 +103,7 @@ def _k(x, axis, us):
 def _subnormal(dtype):
     """Rounding to `dtype` is off by at most u |v| for normal v, and by at most half the
     smallest subnormal below the normal range (float16 results reach it: 6e-5)."""
-    return float(np.finfo(dtype).smallest_subnormal)
+    return float(ml_dtypes.finfo(dtype).smallest_subnormal)
 
 
 def _xhat_abs(x, axis, mean, invstd):

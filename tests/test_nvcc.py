@@ -1,7 +1,7 @@
 """Every CUDA source of the package compiles, warning-free, for the GPUs we target.
 
 The "cupy" backend compiles ``fastbn/kernels/*.cu`` at run time with NVRTC, once per
-(device, dtype), with ``-DFASTBN_DTYPE=0|1|2`` (float16, float32, float64). These tests
+(device, dtype), with ``-DFASTBN_DTYPE=0|1|2|3`` (float16, float32, float64, bfloat16). These tests
 compile the same sources ahead of time, so a syntax or type error, a register spill or a
 warning shows up on machines without a GPU:
 
@@ -20,7 +20,7 @@ from importlib import resources
 import pytest
 
 ARCHS = ["sm_80", "sm_90"]
-DTYPE_CODES = {"float16": 0, "float32": 1, "float64": 2}
+DTYPE_CODES = {"float16": 0, "float32": 1, "float64": 2, "bfloat16": 3}
 #: kernels the "cupy" backend looks up by name
 from fastbn.backends.cupy_raw import _KERNEL_NAMES  # noqa: E402
 
@@ -104,3 +104,21 @@ def test_nvrtc_compiles_like_cupy(dtype):
                 continue
             f64 = sorted(set(re.findall(r"\b[a-z]+(?:\.[a-z0-9]+)*\.f64\b", body)))
             assert not f64, f"{kname} uses float64 instructions {f64}"
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not on the PATH (install the CUDA toolkit)")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_nvcc_compiles_bfloat16_without_cuda_bf16_h(arch, tmp_path):
+    """bfloat16 with the kernel's own 2-byte type and conversions, as NVRTC compiles it when
+    cuda_bf16.h is not on its include path (FASTBN_BF16_OWN forces that path under nvcc)."""
+    src = resources.files("fastbn").joinpath("kernels", "batchnorm.cu")
+    with resources.as_file(src) as path:
+        cmd = [NVCC, "-std=c++17", f"-arch={arch}", "-DFASTBN_DTYPE=3", "-DFASTBN_BF16_OWN",
+               "-Werror", "all-warnings", "-Xptxas=-warn-spills,-Werror", "-ptx",
+               "-o", str(tmp_path / "out.ptx"), str(path)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}"
+    ptx = (tmp_path / "out.ptx").read_text()
+    assert "cvt.rn.bf16.f32" in ptx  # the sm_80+ rounding instruction, as in cuda_bf16.h
+    for k in _KERNEL_NAMES:
+        assert f".entry {k}(" in ptx, k

@@ -22,10 +22,13 @@ public API handles empty batches itself. ``weight`` and ``bias`` are never ``Non
 ``available() -> (bool, str)``
     Whether the backend can run here, and if not, why.
 ``dtypes`` : tuple of numpy dtypes
-    The input dtypes it supports.
+    The input dtypes it supports. A backend that lists float16 takes ``ml_dtypes.bfloat16``
+    too (the API accepts bfloat16 wherever it accepts float16); bfloat16 is not listed, so
+    that no module imports ml_dtypes before a bfloat16 array exists (:func:`bfloat16_dtype`).
+    bfloat16 data arrive as bfloat16 arrays (``x3.view(numpy.uint16)`` gives their bits).
 ``stats_dtype(dtype) -> numpy.dtype``
     dtype of the statistics, weight, bias and running stats for input ``dtype``
-    (float16 -> float32, otherwise ``dtype``).
+    (float16 and bfloat16 -> float32, otherwise ``dtype``).
 ``forward_train(x3, weight, bias, eps) -> (y3, mean, var, invstd)``
     Batch statistics over axes 0 and 2 (``var`` is the *biased* variance),
     ``invstd = 1 / sqrt(var + eps)`` (0 where ``var + eps == 0``), and
@@ -42,8 +45,8 @@ public API handles empty batches itself. ``weight`` and ``bias`` are never ``Non
     torch's running-statistics update in place, called by the API after ``forward_train``
     succeeded: ``r = (1 - momentum) * r + momentum * stat`` with the unbiased variance
     ``var * M / (M - 1)``. The running statistics are float32 or float64 in native byte
-    order and need not be contiguous; the API updates others (float16, non-native byte
-    order), and those of backends without this function, itself: in float64, rounded once.
+    order and need not be contiguous; the API updates others (float16, bfloat16, non-native
+    byte order), and those of backends without this function, itself: in float64, rounded once.
 ``forward_train_update(x3, weight, bias, eps, running_mean, running_var, momentum)`` (optional)
     ``forward_train`` followed by that update, in one call (saves a dispatch on small
     tensors); returns what ``forward_train`` returns. Used by the API when present, for
@@ -59,14 +62,57 @@ from types import ModuleType
 import numpy as np
 
 __all__ = ["BACKEND_MODULES", "available_backends", "get_backend", "backend_for", "backend_report",
-           "stats_dtype"]
+           "bfloat16_dtype", "is_bfloat16", "stats_dtype"]
+
+_F32 = np.dtype(np.float32)
+_bf16: list = []  # the bfloat16 dtype, once ml_dtypes has been imported
+
+
+def bfloat16_dtype():
+    """The NumPy dtype of ``ml_dtypes.bfloat16``, if ml_dtypes has been imported.
+
+    Never imports ml_dtypes (importing it takes about a second): a bfloat16 array cannot
+    exist before it is imported, so until then no dtype is bfloat16.
+
+    Returns
+    -------
+    numpy.dtype or None
+        ``numpy.dtype(ml_dtypes.bfloat16)``, or None while ml_dtypes is not imported.
+    """
+    if _bf16:
+        return _bf16[0]
+    t = getattr(sys.modules.get("ml_dtypes"), "bfloat16", None)
+    if t is None:
+        return None
+    _bf16.append(np.dtype(t))
+    return _bf16[0]
+
+
+def is_bfloat16(dtype) -> bool:
+    """Whether `dtype` is ``ml_dtypes.bfloat16`` in native byte order.
+
+    Parameters
+    ----------
+    dtype : numpy.dtype
+        Any dtype (kind ``"V"`` for ml_dtypes' types; ml_dtypes' ``uint1`` shares bfloat16's
+        type character ``"E"``, so the character alone does not identify it).
+
+    Returns
+    -------
+    bool
+    """
+    if dtype.kind != "V":
+        return False
+    bf = bfloat16_dtype()
+    return bf is not None and dtype == bf
 
 
 def stats_dtype(dtype) -> np.dtype:
     """dtype of the statistics, parameters and running stats for input `dtype`.
 
-    Every backend uses this rule (and re-exports it as its own ``stats_dtype``): float16
-    data keeps float32 statistics, as in torch's mixed precision; other dtypes keep their own.
+    Every backend uses this rule (and re-exports it as its own ``stats_dtype``): float16 and
+    bfloat16 data keep float32 statistics, as in torch's mixed precision; other dtypes keep
+    their own.
 
     Parameters
     ----------
@@ -76,10 +122,10 @@ def stats_dtype(dtype) -> np.dtype:
     Returns
     -------
     numpy.dtype
-        float32 for float16 input, otherwise `dtype`.
+        float32 for float16 and bfloat16 input, otherwise `dtype`.
     """
     dtype = np.dtype(dtype)
-    return np.dtype(np.float32) if dtype == np.float16 else dtype
+    return _F32 if dtype == np.float16 or is_bfloat16(dtype) else dtype
 
 #: backend name -> module path. Modules are imported only when first needed.
 BACKEND_MODULES = {

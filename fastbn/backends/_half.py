@@ -1,9 +1,11 @@
-"""float16 loads and stores inside Numba CPU kernels.
+"""float16 and bfloat16 loads and stores inside Numba CPU kernels.
 
 Numba has no float16 type on the CPU. Kernels therefore take float16 arrays viewed as
 ``uint16`` (``x.view(np.uint16)``: the IEEE binary16 bit patterns) and convert each value
 to float32 when they load it and back to float16 when they store it, so float16 data is
 read and written once, at memory speed, with no ``astype`` passes around the kernel.
+bfloat16 (``ml_dtypes.bfloat16``) is handled the same way, viewed as ``int16``: the
+signedness is only the marker that tells the two 16-bit formats apart (see bfloat16 below).
 
 Conversions
 -----------
@@ -48,6 +50,24 @@ narrowing cost, not the rounding to odd: rounding twice through float32 takes 2.
 The ``astype`` round trip around a float32 kernel takes 61 ms. The integer code on the
 same machine (compiled for a generic x86-64 without F16C, SSE2 only): 15 ms and 24 ms.
 
+bfloat16
+--------
+bfloat16 is the upper half of a float32: sign, the same 8-bit exponent, 7 mantissa bits.
+:func:`b2f` (``int16`` bits -> float32) shifts the bits into the upper half of a float32,
+exact for every pattern (NaN payloads kept, signalling NaNs stay signalling, as in
+ml_dtypes). :func:`f2b` rounds to nearest, ties to even, on the float32 bits:
+``(bits + 0x7FFF + ((bits >> 16) & 1)) >> 16``; that carries into the exponent where the
+mantissa overflows, so values of magnitude at least ``2**128 * (1 - 2**-9)`` become
+infinity and the subnormals (float32's, at a coarser spacing) come out right too. A NaN
+would become infinity if its payload were only in the discarded bits, so NaNs are quieted
+instead (``(bits >> 16) | 0x40``: sign and leading payload kept). A float64 is first rounded
+to float32 *to odd* (float32 has 16 more bits than bfloat16; as above) and then to
+bfloat16, which rounds once. bfloat16 and float32 share the exponent range, so rounding to
+odd must cover float32's subnormals as well: below ``2**-126`` the float64 is scaled by
+``2**149`` (exact), truncated to an integer with the sticky bit set, and that integer is the
+float32 subnormal's bit pattern. The conversions are integer code on every target (there is
+no x86-64 instruction for them before AVX512-BF16); they vectorize.
+
 Generic helpers
 ---------------
 :func:`ld` and :func:`st` let one kernel source serve float32, float64 and
@@ -58,13 +78,13 @@ float16-as-``uint16`` arrays::
         for i in range(np.uint64(xf.size)):
             yf[i] = st(ld(xf[i]) * a + b, yf)
 
-``ld(v)`` is ``v`` for floats and ``h2f(v)`` for ``uint16``; ``st(v, yf)`` is ``v`` when
-``yf`` is a float array (the assignment casts) and ``f2h(v)`` when it is a ``uint16``
-array. Both vanish in the float specializations: the machine code is that of the loop
-written without them.
+``ld(v)`` is ``v`` for floats, ``h2f(v)`` for ``uint16`` and ``b2f(v)`` for ``int16``;
+``st(v, yf)`` is ``v`` when ``yf`` is a float array (the assignment casts), ``f2h(v)`` when
+it is a ``uint16`` array and ``f2b(v)`` when it is an ``int16`` array. Both vanish in the
+float specializations: the machine code is that of the loop written without them.
 
 By convention, a ``uint16`` array passed to a kernel built on these helpers *is* float16
-data. Numba's on-disk cache keys a kernel on its own source file only: after changing
+data and an ``int16`` array bfloat16 data (``x.view(np.int16)``). Numba's on-disk cache keys a kernel on its own source file only: after changing
 this module, clear the cache of the kernels that use it.
 """
 
@@ -78,7 +98,8 @@ from numba import njit, types
 from numba.core import errors
 from numba.extending import intrinsic, overload
 
-__all__ = ["cf", "f2h", "h2f", "ld", "native", "st", "supported"]
+__all__ = ["b2f", "bfloat16_supported", "cf", "f2b", "f2h", "h2f", "ld", "native", "st",
+           "supported"]
 
 _I16 = ir.IntType(16)
 _I32 = ir.IntType(32)
@@ -224,6 +245,43 @@ def _emit_d2f_odd(builder, d):
     return builder.fptrunc(builder.bitcast(t, _F64), _F32)
 
 
+def _emit_b2f(builder, u):
+    """float32 value of the bfloat16 bits `u` (i16): the upper half of a float32."""
+    return builder.bitcast(builder.shl(builder.zext(u, _I32), _c32(16)), _F32)
+
+
+def _emit_f2b_bits(builder, f):
+    """bfloat16 bits (i16) of the float32 with bits `f` (i32), rounded to nearest even; a
+    NaN is quieted (sign and leading payload kept) rather than rounded."""
+    hi = builder.lshr(f, _c32(16))
+    rne = builder.lshr(builder.add(builder.add(f, _c32(0x7FFF)), builder.and_(hi, _c32(1))), _c32(16))
+    nan = builder.icmp_unsigned(">", builder.and_(f, _c32(0x7FFFFFFF)), _c32(0x7F800000))
+    return builder.trunc(builder.select(nan, builder.or_(hi, _c32(0x0040)), rne), _I16)
+
+
+def _emit_d2f_odd_bits(builder, d):
+    """float32 bits (i32) of the float64 `d` rounded to odd in float32's format, subnormals
+    included (:func:`_emit_d2f_odd` covers |d| >= 2**-126, infinities and NaN)."""
+    db = builder.bitcast(d, _I64)
+    normal = builder.bitcast(_emit_d2f_odd(builder, d), _I32)
+    ad = builder.bitcast(builder.and_(db, ir.Constant(_I64, (1 << 63) - 1)), _F64)
+    sub = builder.fcmp_ordered("<", ad, ir.Constant(_F64, 2.0**-126))  # false for NaN
+    # |d| * 2**149 < 2**23 is exact; its integer part is the float32 subnormal's bits
+    t = builder.fmul(builder.select(sub, ad, ir.Constant(_F64, 0.0)), ir.Constant(_F64, 2.0**149))
+    n = builder.fptoui(t, _I32)
+    sticky = builder.fcmp_ordered("!=", builder.uitofp(n, _F64), t)
+    n = builder.or_(n, builder.zext(sticky, _I32))
+    sign = builder.trunc(builder.lshr(db, ir.Constant(_I64, 32)), _I32)
+    n = builder.or_(n, builder.and_(sign, _c32(0x80000000)))
+    return builder.select(sub, n, normal)
+
+
+def _emit_f2b(builder, v, vty):
+    if vty == types.float64:
+        return _emit_f2b_bits(builder, _emit_d2f_odd_bits(builder, v))
+    return _emit_f2b_bits(builder, builder.bitcast(v, _I32))
+
+
 def _emit_f2h(builder, v, vty, hw):
     if vty == types.float64:
         v = _emit_d2f_odd(builder, v)
@@ -300,6 +358,57 @@ def f2h(typingctx, v):
 
 
 @intrinsic
+def b2f(typingctx, u):
+    """float32 value of bfloat16 bits (use inside ``@njit`` code).
+
+    Parameters
+    ----------
+    u : int16
+        bfloat16 bit pattern, e.g. an element of ``x.view(np.int16)`` for an
+        ``ml_dtypes.bfloat16`` array `x`.
+
+    Returns
+    -------
+    float32
+        The value, exactly (the bits shifted into the upper half of a float32). A NaN keeps
+        its sign and payload (a signalling NaN stays signalling, as in ml_dtypes).
+    """
+    if u != types.int16:
+        raise errors.TypingError(f"b2f expects an int16 (bfloat16 bits), got {u}")
+
+    def codegen(context, builder, sig, args):
+        return _emit_b2f(builder, args[0])
+
+    return types.float32(u), codegen
+
+
+@intrinsic
+def f2b(typingctx, v):
+    """bfloat16 bits of a float32 or float64 value (use inside ``@njit`` code).
+
+    Parameters
+    ----------
+    v : float32 or float64
+        The value. A float64 is rounded once, directly to bfloat16 (see the module
+        docstring), never through a float32 rounded to nearest.
+
+    Returns
+    -------
+    int16
+        bfloat16 bits of `v` rounded to nearest, ties to even: values of magnitude at least
+        ``(2 - 2**-8) * 2**127`` become infinity, tiny values round to subnormals or signed
+        zero, NaN stays NaN (quiet, same sign).
+    """
+    if v not in (types.float32, types.float64):
+        raise errors.TypingError(f"f2b expects a float32 or float64, got {v}")
+
+    def codegen(context, builder, sig, args):
+        return _emit_f2b(builder, args[0], sig.args[0])
+
+    return types.int16(v), codegen
+
+
+@intrinsic
 def _h2f_sw(typingctx, u):
     """h2f, always the integer implementation (tested on every target)."""
     return _h2f_typer(u, True)
@@ -321,13 +430,15 @@ def ld(v):
 
     Parameters
     ----------
-    v : float32, float64 or uint16
-        An element of a float array, or of a float16 array viewed as ``uint16``.
+    v : float32, float64, uint16 or int16
+        An element of a float array, of a float16 array viewed as ``uint16`` or of a
+        bfloat16 array viewed as ``int16``.
 
     Returns
     -------
     float32 or float64
-        `v` itself for floats, :func:`h2f` ``(v)`` (float32) for ``uint16``.
+        `v` itself for floats, :func:`h2f` ``(v)`` (float32) for ``uint16``, :func:`b2f`
+        ``(v)`` (float32) for ``int16``.
     """
     raise NotImplementedError("ld is only usable inside Numba-compiled code")
 
@@ -340,15 +451,16 @@ def st(v, like):
     v : float or int
         The value to store.
     like : array
-        The destination array (only its dtype is used): a float array, or a float16
-        array viewed as ``uint16``.
+        The destination array (only its dtype is used): a float array, a float16 array
+        viewed as ``uint16`` or a bfloat16 array viewed as ``int16``.
 
     Returns
     -------
-    float or uint16
+    float, uint16 or int16
         `v` itself for float arrays (the assignment converts it, rounding to nearest),
-        :func:`f2h` ``(v)`` for ``uint16`` arrays (float32 and float64 values rounded
-        once to float16; other numbers are converted to float64 first).
+        :func:`f2h` ``(v)`` for ``uint16`` and :func:`f2b` ``(v)`` for ``int16`` arrays
+        (float32 and float64 values rounded once to float16 or bfloat16; other numbers
+        are converted to float64 first).
     """
     raise NotImplementedError("st is only usable inside Numba-compiled code")
 
@@ -366,11 +478,12 @@ def cf(v, like):
     Returns
     -------
     float
-        ``float32(v)`` for float16 data (``uint16`` arrays): float16 outputs are computed
-        in float32, whose rounding error (``2**-24``) is 8192 times smaller than
-        float16's, so the result rounds the same almost always and at worst differs by
-        one float16 ulp; float64 arithmetic would cost a widening and a narrowing per
-        value. `v` itself for float arrays.
+        ``float32(v)`` for float16 and bfloat16 data (``uint16`` and ``int16`` arrays):
+        their outputs are computed in float32, whose rounding error (``2**-24``) is 8192
+        times smaller than float16's (65536 times bfloat16's), so the result rounds the
+        same almost always and at worst differs by one ulp of the output; float64
+        arithmetic would cost a widening and a narrowing per value. `v` itself for float
+        arrays.
     """
     raise NotImplementedError("cf is only usable inside Numba-compiled code")
 
@@ -380,7 +493,7 @@ def _cf_impl(v, like):
     dt = like.dtype if isinstance(like, types.Array) else None
     if dt is None:
         raise errors.TypingError(f"cf expects the destination array as 'like', got {like}")
-    if dt == types.uint16:
+    if dt in (types.uint16, types.int16):
         return lambda v, like: np.float32(v)
     return lambda v, like: v
 
@@ -389,9 +502,12 @@ def _cf_impl(v, like):
 def _ld_impl(v):
     if v == types.uint16:
         return lambda v: h2f(v)
+    if v == types.int16:
+        return lambda v: b2f(v)
     if isinstance(v, types.Float):
         return lambda v: v
-    raise errors.TypingError(f"ld expects a float or uint16 (float16 bits) element, got {v}")
+    raise errors.TypingError(f"ld expects a float or uint16 (float16 bits) or int16 (bfloat16 "
+                             f"bits) element, got {v}")
 
 
 @overload(st)
@@ -405,9 +521,16 @@ def _st_impl(v, like):
         if isinstance(v, (types.Float, types.Integer, types.Boolean)):
             return lambda v, like: f2h(np.float64(v))
         raise errors.TypingError(f"st expects a real number to store, got {v}")
+    if dt == types.int16:
+        if v in (types.float32, types.float64):
+            return lambda v, like: f2b(v)
+        if isinstance(v, (types.Float, types.Integer, types.Boolean)):
+            return lambda v, like: f2b(np.float64(v))
+        raise errors.TypingError(f"st expects a real number to store, got {v}")
     if isinstance(dt, types.Float):
         return lambda v, like: v
-    raise errors.TypingError(f"st expects a float or uint16 (float16 bits) array, got {like}")
+    raise errors.TypingError(f"st expects a float or uint16 (float16 bits) or int16 (bfloat16 "
+                             f"bits) array, got {like}")
 
 
 # --------------------------------------------------------------------------------------
@@ -486,3 +609,64 @@ def _check() -> tuple[bool, str]:
     if hw:
         return True, "float16 conversions compile to instructions"
     return True, f"float16 conversions use integer code (slower): {why}"
+
+
+@njit(cache=False)
+def _bf_roundtrip(u, f, d):
+    a = np.empty(u.size, np.float32)
+    b = np.empty(f.size, np.int16)
+    c = np.empty(d.size, np.int16)
+    for i in range(u.size):
+        a[i] = b2f(u[i])
+    for i in range(f.size):
+        b[i] = f2b(f[i])
+    for i in range(d.size):
+        c[i] = f2b(d[i])
+    return a, b, c
+
+
+_bf_supported: tuple[bool, str] | None = None
+
+
+def bfloat16_supported() -> tuple[bool, str]:
+    """Whether the bfloat16 conversions compile and give correct values here.
+
+    Compiles :func:`b2f` and :func:`f2b` once (later calls return the cached answer) and
+    checks known bit patterns worked out by hand: ±0, 1, the largest finite value and
+    infinity, NaN, subnormals, ties rounded to even, overflow to infinity, and float64
+    values that rounding twice (through float32) would get wrong. No ml_dtypes needed.
+
+    Returns
+    -------
+    ok : bool
+        True if kernels may use :func:`b2f`, :func:`f2b` and :func:`ld`/:func:`st` on
+        ``int16`` arrays.
+    reason : str
+        Why not, if they may not.
+    """
+    global _bf_supported
+    if _bf_supported is None:
+        _bf_supported = _bf_check()
+    return _bf_supported
+
+
+def _bf_check() -> tuple[bool, str]:
+    u = np.array([0x0000, 0x8000, 0x3F80, 0x7F7F, 0x7F80, 0x0001, 0x7FC1], np.uint16)
+    f = np.array([0x00000000, 0x80000000, 0x3F808000, 0x3F818000, 0x3F808001, 0x7F7FFFFF,
+                  0x7F7F7FFF, 0x00008000, 0x00018000, 0x7F800001, 0xFFFFFFFF], np.uint32)
+    want_f = np.array([0x0000, 0x8000, 0x3F80, 0x3F82, 0x3F81, 0x7F80, 0x7F7F, 0x0000,
+                       0x0002, 0x7FC0, 0xFFFF], np.uint16)
+    # 1 + 2**-8 + 2**-40 rounds up to 1 + 2**-7 once; through float32 it would become the
+    # tie 1 + 2**-8 and round down to 1. Likewise for the subnormal 2**-133 + 2**-134 + tiny.
+    d = np.array([1.0 + 2.0**-8 + 2.0**-40, -(1.0 + 2.0**-8 - 2.0**-40), 2.0**-134 + 2.0**-160,
+                  2.0**-134, 3 * 2.0**-134, 1e300, -1e-300], np.float64)
+    want_d = np.array([0x3F81, 0xBF80, 0x0001, 0x0000, 0x0002, 0x7F80, 0x8000], np.uint16)
+    try:
+        a, b, c = _bf_roundtrip(u.view(np.int16), f.view(np.float32), d)
+    except Exception as exc:  # noqa: BLE001  (any failure means: not usable)
+        return False, f"bfloat16 conversions failed to compile or run: {exc!r}"
+    ok = (np.array_equal(a.view(np.uint32), u.astype(np.uint32) << 16)
+          and np.array_equal(b.view(np.uint16), want_f) and np.array_equal(c.view(np.uint16), want_d))
+    if not ok:
+        return False, "bfloat16 conversions give wrong values on this target"
+    return True, "bfloat16 conversions use integer code"

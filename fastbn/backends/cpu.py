@@ -37,8 +37,8 @@ leaves a relative error of order ``G * |mean| / std``, with ``G`` the relative e
 of the float64 sums: at most ``M * u64``, typically ``~sqrt(M) * u64``). Small tensors (the serial kernels, cache resident) use the plain two-pass
 algorithm over each whole channel, without merges. float64 data are summed shifted,
 ``sum(x - k)`` with ``k`` a value of the block (see :func:`_shift`), so that a constant
-feature has its value as mean and a variance of exactly 0 (float32 and float16 sums of a
-constant are exact in float64 already). Merges of partial means keep infinite means:
+feature has its value as mean and a variance of exactly 0 (float32, float16 and bfloat16
+sums of a constant are exact in float64 already). Merges of partial means keep infinite means:
 where the difference of two means is not finite, Chan's ``mean_a + d * f`` would give
 inf - inf, and the weighted average is used instead (see :func:`_chan`). Normalization is one multiply-add
 per value, ``y = x * alpha + beta`` with ``alpha = weight * invstd`` and
@@ -79,7 +79,7 @@ from .. import _buffers, _threading
 from . import (
     _half,
     _jitcache,
-    stats_dtype,  # the shared rule: float16 -> float32 statistics
+    stats_dtype,  # the shared rule: float16, bfloat16 -> float32 statistics
 )
 from ._half import cf, ld, st
 
@@ -109,7 +109,8 @@ __all__ = [
 name = "cpu"
 #: Array namespace of the arrays this backend takes and returns.
 xp = np
-#: Input dtypes supported (float16 is read and written as float16, statistics in float64).
+#: Input dtypes supported (float16 is read and written as float16, statistics in float64;
+#: ml_dtypes.bfloat16 likewise, not listed: see the contract in :mod:`fastbn.backends`).
 dtypes = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 #: Tensors with at most this many values use the serial kernels.
@@ -118,6 +119,7 @@ SERIAL_MAX = 1 << 16
 _F16 = np.dtype(np.float16)
 _F32 = np.dtype(np.float32)
 _U16 = np.dtype(np.uint16)  # float16 data as seen by the kernels
+_I16 = np.dtype(np.int16)  # bfloat16 data as seen by the kernels (see _half)
 
 # Values per block of the blocked two-pass statistics: 4096 float64-converted values
 # stay in L1/L2 between the two passes over the block.
@@ -213,7 +215,7 @@ def _shift(xf, v):
     smaller than the sums of the values, so their rounding no longer grows with |mean|.
     An infinite or NaN ``v`` gives K = 0 (the plain sum): x - inf would be NaN for every x,
     while the plain sum gives NumPy's and torch's results (+-inf means for infinities of
-    one sign, NaN otherwise). For float32 and float16 data K is the constant 0 and the
+    one sign, NaN otherwise). For float32, float16 and bfloat16 data K is the constant 0 and the
     subtractions compile away: their float64 sums of up to 2**29 copies of a value are
     exact, so a constant feature is exact there without a shift. (``@njit`` only.)"""
     raise NotImplementedError("_shift is only usable inside Numba-compiled code")
@@ -1416,6 +1418,21 @@ def _half_native():
     return _half_state[0]
 
 
+_bf16_state = []
+
+
+def _bf16_native():
+    """Whether the kernels read and write bfloat16 themselves (as ``int16`` bits, see
+    :mod:`fastbn.backends._half`); else it is converted around float32 kernels."""
+    if not _bf16_state:
+        _bf16_state.append(_half.bfloat16_supported()[0])
+    return _bf16_state[0]
+
+
+# bfloat16 inputs are recognized by their type character "E" (one test on the float32
+# path): the API lets no other "E" dtype through (ml_dtypes' uint1 shares it).
+
+
 def _outputs(x3, sd):
     """Outputs of the serial kernels (also used for large tensors in a forked child that
     must not use the threading layer, see :mod:`fastbn._threading`)."""
@@ -1445,12 +1462,19 @@ def forward_train(x3, weight, bias, eps):
         Per-channel batch mean, biased variance and ``1 / sqrt(var + eps)`` (0 where
         ``var + eps == 0``), in ``stats_dtype(x3.dtype)``.
     """
-    if x3.dtype.char == "e":
+    ch = x3.dtype.char
+    if ch == "e":
         if not _half_native():
             y, m, v, i = forward_train(x3.astype(_F32), weight, bias, eps)
             return y.astype(_F16), m, v, i
         y, m, v, i = forward_train(x3.view(_U16), weight, bias, eps)
         return y.view(_F16), m, v, i
+    if ch == "E":  # bfloat16
+        if not _bf16_native():
+            y, m, v, i = forward_train(x3.astype(_F32), weight, bias, eps)
+            return y.astype(x3.dtype), m, v, i
+        y, m, v, i = forward_train(x3.view(_I16), weight, bias, eps)
+        return y.view(x3.dtype), m, v, i
     if x3.size <= SERIAL_MAX or not _threading.begin():
         y, mean, var, invstd = _outputs(x3, weight.dtype)
         _ft_serial(x3, weight, bias, eps, y, mean, var, invstd)
@@ -1483,7 +1507,7 @@ def forward_train_update(x3, weight, bias, eps, running_mean, running_var, momen
     tuple
         ``(y3, mean, var, invstd)`` as :func:`forward_train` returns them.
     """
-    if x3.size <= SERIAL_MAX and x3.dtype.char != "e":
+    if x3.size <= SERIAL_MAX and x3.dtype.char not in ("e", "E"):  # not float16, bfloat16
         y, mean, var, invstd = _outputs(x3, weight.dtype)
         _ft_serial_update(
             x3, weight, bias, eps, y, mean, var, invstd, running_mean, running_var, momentum
@@ -1515,10 +1539,15 @@ def forward_eval(x3, mean, var, weight, bias, eps):
     numpy.ndarray
         ``(x3 - mean) / sqrt(var + eps) * weight + bias`` in ``x3.dtype``.
     """
-    if x3.dtype.char == "e":
+    ch = x3.dtype.char
+    if ch == "e":
         if not _half_native():
             return forward_eval(x3.astype(_F32), mean, var, weight, bias, eps).astype(_F16)
         return forward_eval(x3.view(_U16), mean, var, weight, bias, eps).view(_F16)
+    if ch == "E":  # bfloat16
+        if not _bf16_native():
+            return forward_eval(x3.astype(_F32), mean, var, weight, bias, eps).astype(x3.dtype)
+        return forward_eval(x3.view(_I16), mean, var, weight, bias, eps).view(x3.dtype)
     if x3.size <= SERIAL_MAX or not _threading.begin():
         return _fe_serial(x3, mean, var, weight, bias, eps)
     try:
@@ -1550,12 +1579,19 @@ def backward(dy3, x3, mean, invstd, weight):
     dweight, dbias : numpy.ndarray
         ``sum(dy * xhat)`` and ``sum(dy)`` per channel, in ``stats_dtype(x3.dtype)``.
     """
-    if x3.dtype.char == "e":
+    ch = x3.dtype.char
+    if ch == "e":
         if not _half_native():
             dx, dw, db = backward(dy3.astype(_F32), x3.astype(_F32), mean, invstd, weight)
             return dx.astype(_F16), dw, db
         dx, dw, db = backward(dy3.view(_U16), x3.view(_U16), mean, invstd, weight)
         return dx.view(_F16), dw, db
+    if ch == "E":  # bfloat16
+        if not _bf16_native():
+            dx, dw, db = backward(dy3.astype(_F32), x3.astype(_F32), mean, invstd, weight)
+            return dx.astype(x3.dtype), dw, db
+        dx, dw, db = backward(dy3.view(_I16), x3.view(_I16), mean, invstd, weight)
+        return dx.view(x3.dtype), dw, db
     if x3.size <= SERIAL_MAX or not _threading.begin():
         dx, dw, db, _ = _outputs(x3, weight.dtype)
         _bw_serial(dy3, x3, mean, invstd, weight, dx, dw, db)

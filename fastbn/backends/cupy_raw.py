@@ -19,16 +19,27 @@ from importlib import resources
 
 import numpy as np
 
-from fastbn.backends import _cuda_shim, stats_dtype  # stats_dtype: the shared float16 rule
+from fastbn.backends import _cuda_shim, is_bfloat16, stats_dtype  # stats_dtype: the shared rule
 
 __all__ = ["name", "dtypes", "available", "stats_dtype", "forward_train", "forward_eval",
            "backward"]
 
 name = "cupy"
+#: also ml_dtypes.bfloat16 (not listed: see the contract in :mod:`fastbn.backends`)
 dtypes = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 #: value of the FASTBN_DTYPE macro of batchnorm.cu for each input dtype
 _DTYPE_CODE = {np.dtype(np.float16): 0, np.dtype(np.float32): 1, np.dtype(np.float64): 2}
+#: FASTBN_DTYPE of bfloat16 data (the kernels' __nv_bfloat16, with float32 statistics)
+_BF16_CODE = 3
+
+
+def _dtype_code(dtype) -> int:
+    dtype = np.dtype(dtype)
+    code = _DTYPE_CODE.get(dtype)
+    if code is None and is_bfloat16(dtype):
+        return _BF16_CODE
+    return code
 
 _KERNEL_NAMES = (
     "bn_stats_cf", "bn_stats_cl4", "bn_stats_cl1", "bn_stats_finalize", "bn_eval_prep",
@@ -108,7 +119,7 @@ def _num_sms(device_id: int) -> int:
 def _setup(x3, *others):
     """Kernels, plan and scalar types for a call on `x3` (plus the other data arrays)."""
     device_id = x3.device.id
-    kernels = _kernels(device_id, _DTYPE_CODE[np.dtype(x3.dtype)])
+    kernels = _kernels(device_id, _dtype_code(x3.dtype))
     A, C, B = (int(s) for s in x3.shape)
     p = _cuda_shim.plan(A, C, B, x3.dtype.itemsize, _num_sms(device_id),
                         tuple(int(a.data.ptr) for a in (x3, *others)))
@@ -130,7 +141,7 @@ def forward_train(x3, weight, bias, eps):
     Parameters
     ----------
     x3 : cupy.ndarray
-        C-contiguous ``(A, C, B)`` input (float16, float32 or float64).
+        C-contiguous ``(A, C, B)`` input (float16, bfloat16, float32 or float64).
     weight, bias : cupy.ndarray
         Length-``C`` parameters of dtype ``stats_dtype(x3.dtype)``.
     eps : float

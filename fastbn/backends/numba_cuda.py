@@ -25,12 +25,13 @@ import math
 
 import numpy as np
 
-from fastbn.backends import _cuda_shim, stats_dtype  # stats_dtype: the shared float16 rule
+from fastbn.backends import _cuda_shim, is_bfloat16, stats_dtype  # stats_dtype: the shared rule
 
 __all__ = ["name", "dtypes", "available", "stats_dtype", "forward_train", "forward_eval",
            "backward"]
 
 name = "numba-cuda"
+#: also ml_dtypes.bfloat16 (not listed: see the contract in :mod:`fastbn.backends`)
 dtypes = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 #: size of the shared-memory arrays of the block reductions = the most threads per block
@@ -84,14 +85,65 @@ def available() -> tuple[bool, str]:
 # ----------------------------------------------------------------------------------------
 
 
+def _bfloat16_conversions(device):
+    """Device functions ``(ld, st)``: float32 value of bfloat16 bits (a ``uint16``) and the
+    bfloat16 bits of a float32, as the CPU kernels convert (``fastbn.backends._half``):
+    the load shifts the bits into the upper half of a float32 (exact), the store rounds to
+    nearest even on the float32 bits, ``(bits + 0x7FFF + ((bits >> 16) & 1)) >> 16``, and
+    quiets a NaN (``(bits >> 16) | 0x40``: sign and leading payload kept) instead of rounding
+    it (a payload only in the low bits would round to infinity).
+
+    The bit reinterpretation is libdevice's ``int_as_float``/``float_as_int`` on a GPU and
+    NumPy's ``view`` under the simulator (which runs device functions as Python); the
+    rounding around it is the same code in both.
+    """
+    if _cuda_shim.simulator_enabled():
+        def bits_to_f32(b):
+            return np.uint32(b).view(np.float32)
+
+        def f32_to_bits(f):
+            return np.int64(np.float32(f).view(np.uint32))
+    else:
+        from numba.cuda import libdevice
+
+        int_as_float = libdevice.int_as_float
+        float_as_int = libdevice.float_as_int
+
+        @device
+        def bits_to_f32(b):
+            return int_as_float(np.int32(b))  # the low 32 bits (wraps above 2**31)
+
+        @device
+        def f32_to_bits(f):
+            return np.int64(float_as_int(f)) & 0xFFFFFFFF
+
+    @device
+    def ld(u):
+        return bits_to_f32(np.int64(u) << 16)
+
+    @device
+    def st(v):
+        b = f32_to_bits(np.float32(v))
+        if (b & 0x7FFFFFFF) > 0x7F800000:
+            return np.uint16((b >> 16) | 0x40)
+        return np.uint16((b + 0x7FFF + ((b >> 16) & 1)) >> 16)
+
+    return ld, st
+
+
 @functools.cache
-def kernels(acc_name: str) -> dict:
+def kernels(acc_name: str, data: str = "float") -> dict:
     """Build (lazily compiled) kernels accumulating in ``acc_name`` ("float32"/"float64").
 
     Parameters
     ----------
     acc_name : str
-        ``"float32"`` (float16 and float32 data) or ``"float64"``.
+        ``"float32"`` (float16, bfloat16 and float32 data) or ``"float64"``.
+    data : str, optional
+        ``"float"``: data arrays of a float dtype (float16, float32, float64), converted
+        by the loads and stores themselves. ``"bfloat16"``: bfloat16 data as ``uint16``
+        bits, converted by the device functions of :func:`_bfloat16_conversions`
+        (``acc_name`` must be ``"float32"``).
 
     Returns
     -------
@@ -105,6 +157,12 @@ def kernels(acc_name: str) -> dict:
     device = _cuda_shim.device_function_decorator()
     acc = np.float32 if acc_name == "float32" else np.float64
     MAXT = _MAXT
+    if data == "bfloat16":
+        ld, st = _bfloat16_conversions(device)
+    else:
+        # loads convert to the accumulation type, stores of acc values need nothing
+        # (the assignment converts): the kernels are those written without ld/st
+        ld = st = acc
 
     @device
     def merge(mean, m2, n, mean_b, m2_b, n_b):
@@ -206,7 +264,7 @@ def kernels(acc_name: str) -> dict:
                 base = (a * C + c) * B + b0
                 i = tid
                 while i < ln:
-                    mean, m2, n = welford(mean, m2, n, acc(x[base + i]))
+                    mean, m2, n = welford(mean, m2, n, ld(x[base + i]))
                     i += nt
                 t += cuda.gridDim.x
             mean, m2, n = tree_merge(s_mean, s_m2, s_n, tid, 1, nt // 2, mean, m2, n, tid)
@@ -235,7 +293,7 @@ def kernels(acc_name: str) -> dict:
             stride = cuda.gridDim.y * by
             a = cuda.blockIdx.y * by + ty
             while a < A:
-                mean, m2, n = welford(mean, m2, n, acc(x[a * cols + col]))
+                mean, m2, n = welford(mean, m2, n, ld(x[a * cols + col]))
                 a += stride
         mean, m2, n = tree_merge(s_mean, s_m2, s_n, ty * bx + tx, bx, by // 2, mean, m2, n, ty)
         if ty == 0 and col < cols:
@@ -318,7 +376,7 @@ def kernels(acc_name: str) -> dict:
             be = acc(beta[c])
             i = tid
             while i < ln:
-                y[base + i] = (acc(x[base + i]) - m) * al + be
+                y[base + i] = st((ld(x[base + i]) - m) * al + be)
                 i += nt
             tf += cuda.gridDim.x
 
@@ -334,7 +392,7 @@ def kernels(acc_name: str) -> dict:
             af = cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y
             while af < A:
                 o = (A - 1 - af) * cols + col  # last rows first (L2 reuse)
-                y[o] = (acc(x[o]) - m) * al + be
+                y[o] = st((ld(x[o]) - m) * al + be)
                 af += stride
 
     @cuda.jit
@@ -357,9 +415,9 @@ def kernels(acc_name: str) -> dict:
                 base = (a * C + c) * B + b0
                 i = tid
                 while i < ln:
-                    g = acc(dy[base + i])
+                    g = ld(dy[base + i])
                     u += g
-                    v += g * (acc(x[base + i]) - m)
+                    v += g * (ld(x[base + i]) - m)
                     i += nt
                 t += cuda.gridDim.x
             u, v = tree_sum2(s_1, s_2, tid, 1, nt // 2, u, v, tid)
@@ -387,9 +445,9 @@ def kernels(acc_name: str) -> dict:
             a = cuda.blockIdx.y * by + ty
             while a < A:
                 o = a * cols + col
-                g = acc(dy[o])
+                g = ld(dy[o])
                 u += g
-                v += g * (acc(x[o]) - m)
+                v += g * (ld(x[o]) - m)
                 a += stride
         u, v = tree_sum2(s_1, s_2, ty * bx + tx, bx, by // 2, u, v, ty)
         if ty == 0 and col < cols:
@@ -444,7 +502,7 @@ def kernels(acc_name: str) -> dict:
             c3 = acc(k3[c])
             i = tid
             while i < ln:
-                dx[base + i] = acc(dy[base + i]) * c1 + ((acc(x[base + i]) - m) * c2 + c3)
+                dx[base + i] = st(ld(dy[base + i]) * c1 + ((ld(x[base + i]) - m) * c2 + c3))
                 i += nt
             tf += cuda.gridDim.x
 
@@ -461,7 +519,7 @@ def kernels(acc_name: str) -> dict:
             af = cuda.blockIdx.y * cuda.blockDim.y + cuda.threadIdx.y
             while af < A:
                 o = (A - 1 - af) * cols + col  # last rows first (L2 reuse)
-                dx[o] = acc(dy[o]) * c1 + ((acc(x[o]) - m) * c2 + c3)
+                dx[o] = st(ld(dy[o]) * c1 + ((ld(x[o]) - m) * c2 + c3))
                 af += stride
 
     return {
@@ -504,6 +562,20 @@ def _acc_name(dtype) -> str:
     return "float64" if np.dtype(dtype) == np.float64 else "float32"
 
 
+def _kernels_for(dtype):
+    """``(kernels, kernel dtype of the data)`` for data of `dtype`: bfloat16 data go to the
+    kernels as their ``uint16`` bits."""
+    if is_bfloat16(np.dtype(dtype)):
+        return kernels("float32", "bfloat16"), np.dtype(np.uint16)
+    return kernels(_acc_name(dtype)), np.dtype(dtype)
+
+
+def _as_kernel_data(a, kdt):
+    """A 1-d view of data array `a` with the kernels' element type `kdt`."""
+    a = a.reshape(-1)
+    return a if a.dtype == kdt else a.view(kdt)
+
+
 def _finalize_launch(C):
     return (-(-C // _FINALIZE_GROUPS),), (32, _FINALIZE_GROUPS)
 
@@ -522,13 +594,13 @@ def _forward_train(x3, weight, bias, eps, *, empty, wrap, stream, num_sms, plan_
     mean, var, invstd = empty((C,), sd), empty((C,), sd), empty((C,), sd)
     if x3.size == 0:
         return y3, mean, var, invstd
-    k = kernels(_acc_name(x3.dtype))
+    k, kdt = _kernels_for(x3.dtype)
     p = _cuda_shim.plan(A, C, B, x3.dtype.itemsize, num_sms, pointers,
                         vectorize=False, **plan_kw)
     pmean, pm2 = empty((p.S * p.cols,), sd), empty((p.S * p.cols,), sd)
     pn = empty((p.S * p.cols,), np.int32)
     alpha = empty((C,), sd)
-    xf, yf = wrap(x3.reshape(-1)), wrap(y3.reshape(-1))
+    xf, yf = wrap(_as_kernel_data(x3, kdt)), wrap(_as_kernel_data(y3, kdt))
     wpm, wpm2, wpn = wrap(pmean), wrap(pm2), wrap(pn)
     if p.family == "cf":
         k["stats_cf"][p.grid_reduce, p.threads, stream](
@@ -561,15 +633,15 @@ def _forward_eval(x3, mean, var, weight, bias, eps, *, empty, wrap, stream, num_
     y3 = empty(x3.shape, x3.dtype)
     if x3.size == 0:
         return y3
-    k = kernels(_acc_name(x3.dtype))
+    k, kdt = _kernels_for(x3.dtype)
     p = _cuda_shim.plan(A, C, B, x3.dtype.itemsize, num_sms, pointers,
                         vectorize=False, **plan_kw)
     alpha = empty((C,), sd)
     walpha = wrap(alpha)
     k["eval_prep"][(-(-C // 64),), (64,), stream](wrap(var), wrap(weight), _i(C),
                                                   np.float64(eps), walpha)
-    _apply(k, p, wrap(x3.reshape(-1)), wrap(y3.reshape(-1)), wrap(mean), walpha, wrap(bias),
-           stream)
+    _apply(k, p, wrap(_as_kernel_data(x3, kdt)), wrap(_as_kernel_data(y3, kdt)), wrap(mean),
+           walpha, wrap(bias), stream)
     return y3
 
 
@@ -582,12 +654,12 @@ def _backward(dy3, x3, mean, invstd, weight, *, empty, wrap, stream, num_sms, pl
     dweight, dbias = empty((C,), sd), empty((C,), sd)
     if x3.size == 0:
         return dx3, dweight, dbias
-    k = kernels(_acc_name(x3.dtype))
+    k, kdt = _kernels_for(x3.dtype)
     p = _cuda_shim.plan(A, C, B, x3.dtype.itemsize, num_sms, pointers,
                         vectorize=False, **plan_kw)
     ps1, ps2 = empty((p.S * p.cols,), sd), empty((p.S * p.cols,), sd)
     k1, k2, k3 = empty((C,), sd), empty((C,), sd), empty((C,), sd)
-    dyf, xf, dxf = wrap(dy3.reshape(-1)), wrap(x3.reshape(-1)), wrap(dx3.reshape(-1))
+    dyf, xf, dxf = (wrap(_as_kernel_data(a, kdt)) for a in (dy3, x3, dx3))
     wmean, wps1, wps2 = wrap(mean), wrap(ps1), wrap(ps2)
     wk1, wk2, wk3 = wrap(k1), wrap(k2), wrap(k3)
     if p.family == "cf":
@@ -657,7 +729,7 @@ def forward_train(x3, weight, bias, eps):
     Parameters
     ----------
     x3 : cupy.ndarray
-        C-contiguous ``(A, C, B)`` input (float16, float32 or float64).
+        C-contiguous ``(A, C, B)`` input (float16, bfloat16, float32 or float64).
     weight, bias : cupy.ndarray
         Length-``C`` parameters of dtype ``stats_dtype(x3.dtype)``.
     eps : float

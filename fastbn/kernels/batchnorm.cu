@@ -6,6 +6,7 @@
 //   FASTBN_DTYPE = 0 : float16 data, float32 accumulation and statistics
 //   FASTBN_DTYPE = 1 : float32 data, float32 accumulation and statistics
 //   FASTBN_DTYPE = 2 : float64 data, float64 accumulation and statistics
+//   FASTBN_DTYPE = 3 : bfloat16 data (__nv_bfloat16), float32 accumulation and statistics
 //
 // Every kernel works on the canonical (A, C, B) view of a C-contiguous array (see
 // fastbn/backends/__init__.py). Two families cover all layouts:
@@ -49,12 +50,33 @@ typedef float ACC;
 #elif FASTBN_DTYPE == 2
 typedef double T;
 typedef double ACC;
+#elif FASTBN_DTYPE == 3
+// __nv_bfloat16 from cuda_bf16.h where the compiler finds it (nvcc; NVRTC with the CUDA
+// headers on its include path). NVRTC has no include path of its own, and CuPy cannot
+// bundle cuda_bf16.h, so without it (or with FASTBN_BF16_OWN defined) the same 2-byte type
+// and conversions are defined below. The host emulation of the test suite defines
+// __nv_bfloat16 and its conversions itself (tests/cudasim/cuda_emulation.cpp).
+#if defined(FASTBN_HOST_EMULATION)
+#define FASTBN_BF16_HEADER 1
+#elif !defined(FASTBN_BF16_OWN) && __has_include(<cuda_bf16.h>)
+#include <cuda_bf16.h>
+#define FASTBN_BF16_HEADER 1
+#endif
+#if defined(FASTBN_BF16_HEADER)
+typedef __nv_bfloat16 T;
 #else
-#error "FASTBN_DTYPE must be 0 (float16), 1 (float32) or 2 (float64)"
+struct __align__(2) fastbn_bf16 {
+    unsigned short bits;
+};
+typedef fastbn_bf16 T;
+#endif
+typedef float ACC;
+#else
+#error "FASTBN_DTYPE must be 0 (float16), 1 (float32), 2 (float64) or 3 (bfloat16)"
 #endif
 
 // Statistics, weight, bias, running stats and gradients of weight/bias are ACC
-// (float16 -> float32, the others unchanged), as the backend contract requires.
+// (float16 and bfloat16 -> float32, the others unchanged), as the backend contract requires.
 
 typedef long long i64;
 
@@ -100,13 +122,35 @@ __device__ __forceinline__ unsigned short from_acc(float f) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
 }
+#elif FASTBN_DTYPE == 3 && defined(FASTBN_BF16_HEADER)
+// Exact widening (the bits shifted into the upper half of a float32) and rounding to
+// nearest even (cvt.rn.bf16.f32 on sm_80 and later; a NaN becomes the canonical NaN 0x7FFF).
+__device__ __forceinline__ float to_acc(T v) { return __bfloat162float(v); }
+__device__ __forceinline__ T from_acc(float f) { return __float2bfloat16_rn(f); }
+#elif FASTBN_DTYPE == 3
+// The conversions of cuda_bf16.h: the same instructions, the same results.
+__device__ __forceinline__ float to_acc(T v) { return __uint_as_float((unsigned)v.bits << 16); }
+__device__ __forceinline__ T from_acc(float f) {
+    T r;
+#if __CUDA_ARCH__ >= 800
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r.bits) : "f"(f));
+#else
+    // round to nearest even on the bits (carries into the exponent give infinity);
+    // a NaN becomes the canonical NaN 0x7FFF
+    const unsigned u = __float_as_uint(f);
+    r.bits = (u & 0x7fffffffu) > 0x7f800000u
+                 ? (unsigned short)0x7fffu
+                 : (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+#endif
+    return r;
+}
 #else
 __device__ __forceinline__ ACC to_acc(T v) { return (ACC)v; }
 __device__ __forceinline__ T from_acc(ACC v) { return (T)v; }
 #endif
 
 // Four consecutive elements, loaded and stored with one instruction (16 bytes for
-// float32, 8 for float16, 2 x 16 for float64). Used only where the host has checked
+// float32, 8 for float16 and bfloat16, 2 x 16 for float64). Used only where the host has checked
 // (or the kernel has arranged) that the address is a multiple of sizeof(V4).
 struct alignas(FASTBN_VEC * sizeof(T)) V4 {
     T v[FASTBN_VEC];

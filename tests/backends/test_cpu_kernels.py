@@ -6,8 +6,9 @@ parallel sizes, and the split paths whose partial results are merged.
 
 Error analysis behind the tolerances
 ------------------------------------
-``u`` is the unit roundoff of the output dtype (2**-11, 2**-24, 2**-53 for float16/32/64),
-``us`` that of the statistics dtype, ``u64 = 2**-53``. The kernels accumulate in float64:
+``u`` is the unit roundoff of the output dtype (2**-11, 2**-24, 2**-53 for float16/32/64,
+2**-8 for bfloat16), ``us`` that of the statistics dtype (float32 for float16 and bfloat16
+data), ``u64 = 2**-53``. The kernels accumulate in float64:
 
 * Summation: however the kernels order a float64 sum of ``M`` terms (blocks, row tiles,
   per-thread partials), each term takes part in at most ``M - 1`` additions, so the
@@ -28,23 +29,30 @@ Error analysis behind the tolerances
 * y ``= x * alpha + beta`` in float64: errors from the float64 mean and invstd
   (``|w| inv dm + |w| |x - m| dinv``), from the float64 evaluation (``8 u64 (|x alpha| +
   |beta|)``, the terms that cancel when ``|m| >> std``), and the final rounding ``u |y|``
-  (``u = 2**-11 + 2**-24`` for float16 leaves room for one extra float32 rounding); rounding into
-  the subnormal range adds up to half the smallest subnormal (``TINY``), which matters
-  for float16 (2**-25). float16 outputs are computed in float32 (``alpha`` and ``beta``
-  rounded to float32, then one fused multiply-add: at most ``3 u32 (|x alpha| + |beta|)``
-  before the final rounding; ``ARITH`` is the unit of that arithmetic, ``u64`` for the
-  other dtypes, and the ``8 ARITH`` terms cover it).
+  (``u = 2**-11 + 2**-24`` for float16 and ``2**-8 + 2**-24`` for bfloat16 leave room for
+  one extra float32 rounding); rounding into the subnormal range adds up to half the
+  smallest subnormal (``TINY``), which matters for float16 (2**-25; bfloat16's is
+  2**-134, negligible for the data here). float16 and bfloat16 outputs are computed
+  in float32 (``alpha`` and ``beta`` rounded to float32, then one fused multiply-add: at
+  most ``3 u32 (|x alpha| + |beta|)`` before the final rounding; ``ARITH`` is the unit of
+  that arithmetic, ``u64`` for the other dtypes, and the ``8 ARITH`` terms cover it).
 * backward: ``sum(dy)`` and ``sum(dy (x - m))`` have error ``2G`` times the sum of
   absolute terms; ``dx = g dy + c2 x + c3`` adds ``8 ARITH (|g dy| + |c2 x| + |c3|)``
-  (float32 for float16: three coefficient roundings and two multiply-adds, at most
-  ``5 u32`` times that sum) and the errors of the two sums scaled by ``|g| / M`` and
+  (float32 for float16 and bfloat16: three coefficient roundings and two multiply-adds,
+  at most ``5 u32`` times that sum) and the errors of the two sums scaled by ``|g| / M`` and
   ``|g| |xhat| / M``.
+
+bfloat16 (``ml_dtypes.bfloat16``, ``BF16`` below) has float32's exponent range and 8
+significant bits: unlike float16, no test data leave its range, but its inputs are
+coarse (at ``|m| / std = 1e4`` all of a channel's values round to one or two numbers).
+Its statistics, weight and bias are float32, so they are checked at float32 precision.
 """
 
 from __future__ import annotations
 
 import threading
 
+import ml_dtypes
 import numba
 import numpy as np
 import pytest
@@ -54,12 +62,15 @@ from hypothesis import strategies as st
 from fastbn.backends import cpu
 
 U64 = 2.0**-53
-UNIT = {np.float16: 2.0**-11 + 2.0**-24, np.float32: 2.0**-24, np.float64: 2.0**-53}
-STATS_UNIT = {np.float16: 2.0**-24, np.float32: 2.0**-24, np.float64: 2.0**-53}
-DTYPES = [np.float16, np.float32, np.float64]
-# unit roundoff of the arithmetic of the elementwise passes (float16 data: float32)
-ARITH = {np.float16: 2.0**-24, np.float32: 2.0**-53, np.float64: 2.0**-53}
-TINY = {t: float(np.finfo(t).smallest_subnormal) / 2 for t in DTYPES}
+BF16 = ml_dtypes.bfloat16  # the scalar type, as x.dtype.type gives it
+UNIT = {np.float16: 2.0**-11 + 2.0**-24, np.float32: 2.0**-24, np.float64: 2.0**-53,
+        BF16: 2.0**-8 + 2.0**-24}
+STATS_UNIT = {np.float16: 2.0**-24, np.float32: 2.0**-24, np.float64: 2.0**-53, BF16: 2.0**-24}
+DTYPES = [np.float16, np.float32, np.float64, BF16]
+# unit roundoff of the arithmetic of the elementwise passes (float16, bfloat16 data: float32)
+ARITH = {np.float16: 2.0**-24, np.float32: 2.0**-53, np.float64: 2.0**-53, BF16: 2.0**-24}
+# np.finfo does not know bfloat16; ml_dtypes.finfo knows all four
+TINY = {t: float(ml_dtypes.finfo(t).smallest_subnormal) / 2 for t in DTYPES}
 
 
 # ----------------------------------------------------------------------------------
@@ -216,6 +227,9 @@ def test_contract_attributes():
     assert cpu.stats_dtype(np.float16) == np.float32
     assert cpu.stats_dtype(np.dtype(np.float32)) == np.float32
     assert cpu.stats_dtype(np.float64) == np.float64
+    # bfloat16 is accepted though not listed (see the contract in fastbn.backends)
+    assert cpu.stats_dtype(BF16) == np.float32
+    assert cpu.stats_dtype(np.dtype(BF16)) == np.float32
 
 
 # Shapes chosen around the kernels' thresholds and paths (2 threads): serial/parallel
@@ -299,15 +313,19 @@ def test_update_running_stats(dtype):
 
 @pytest.mark.parametrize(
     ("dtype", "offset"),
-    [(np.float32, 1e4), (np.float64, 1e6)],
-    ids=["float32-1e4", "float64-1e6"],
+    # bfloat16 at |m| / std = 30 (not 1e4: its 8 bits would round all of a channel's values
+    # to one or two numbers, a variance of 0): its statistics must still have float32's
+    # precision, which they would not if any step rounded to bfloat16 (~2**-8).
+    [(np.float32, 1e4), (np.float64, 1e6), (BF16, 30.0)],
+    ids=["float32-1e4", "float64-1e6", "bfloat16-30"],
 )
 # M = A * B <= 8000 keeps the stable bound (which grows with M) well below the naive error.
 @pytest.mark.parametrize(
     "shape", [(8, 3, 1000), (4000, 3, 1), (20, 5, 300), (8000, 9, 1)], ids=str
 )
 def test_large_mean_offset(shape, dtype, offset):
-    """|mean| / std = 1e4 (float32) or 1e6 (float64): the variance stays accurate."""
+    """|mean| / std = 1e4 (float32), 1e6 (float64) or 30 (bfloat16): the variance stays
+    accurate."""
     run_all(shape, dtype, seed=1, offset=offset, scale=3.0)
     x, w, b, _ = make(shape, dtype, seed=1, offset=offset, scale=3.0)
     _, _, var, _ = cpu.forward_train(x, w, b, 1e-5)
@@ -317,8 +335,8 @@ def test_large_mean_offset(shape, dtype, offset):
     ratio = np.abs(x.astype(np.float64)).max(axis=(0, 2)) / np.sqrt(v)
     limit = STATS_UNIT[dtype] + 4 * G + 2 * G * ratio + (G * ratio) ** 2
     assert np.all(rel <= limit), (rel, limit)
-    if dtype == np.float32:
-        assert np.all(limit < 4 * 2.0**-24)  # float32 precision
+    if dtype != np.float64:
+        assert np.all(limit < 4 * 2.0**-24)  # float32 precision (float32 statistics)
     else:  # the bound is far below the error of E[x^2] - E[x]^2 (~u64 (m/std)^2)
         assert np.all(limit < U64 * offset**2 / 10)
 
@@ -375,6 +393,8 @@ def test_constant_channel_eps_zero(shape, value, dtype):
     np.testing.assert_allclose(
         db[1],
         dy[:, 1, :].astype(np.float64).sum(),
+        # bfloat16: dbias is float32, a float64 sum of the exact dy values rounded once (as
+        # for float32 data): 2**-24 + G sum|dy| / |sum dy| < 1e-6 for these sizes
         rtol=1e-3 if dtype == np.float16 else 1e-6,
     )
     # with eps > 0 the variance is still exactly 0: invstd = 1/sqrt(eps)
@@ -402,7 +422,7 @@ def test_constant_channel_every_split(shape, threads):
     assert mean[0] == 0.1 and var[0] == 0.0 and inv[0] == 0.0
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: d.__name__)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, BF16], ids=lambda d: d.__name__)
 @pytest.mark.parametrize("shape", PATH_SHAPES, ids=str)
 def test_infinities(shape, dtype):
     """Infinities give what a sum over all the values gives, on every path (NumPy's and
@@ -448,13 +468,15 @@ def test_merges_of_huge_means_do_not_overflow():
     assert var[0] == np.inf  # the true variance, 2.25e616, overflows
 
 
+# bfloat16: NaN outputs go through f2b, which must quiet them (not round them to inf)
+@pytest.mark.parametrize("dtype", [np.float32, BF16], ids=lambda d: d.__name__)
 @pytest.mark.parametrize(
     "shape",
     [(4, 3, 5), (9, 3, 1), (40, 3, 1000), (30000, 3, 1), (1, 3, 100000)],
     ids=str,
 )
-def test_nan_propagates(shape):
-    x, w, b, dy = make(shape, np.float32)
+def test_nan_propagates(shape, dtype):
+    x, w, b, dy = make(shape, dtype)
     x[shape[0] // 2, 1, shape[2] // 2] = np.nan
     y, mean, var, inv = cpu.forward_train(x, w, b, 1e-5)
     assert np.isnan(mean[1]) and np.isnan(var[1]) and np.isnan(inv[1])
@@ -478,20 +500,55 @@ def test_nan_propagates(shape):
 
 
 
+def _kernel_view(a):
+    """What the kernels see: bfloat16 data as int16 bits (see fastbn.backends._half)."""
+    return a.view(np.int16) if a.dtype == BF16 else a
+
+
+def _data_view(a, dtype):
+    return a.view(dtype) if dtype == BF16 else a
+
+
+@pytest.mark.parametrize("dtype", [np.float32, BF16], ids=lambda d: d.__name__)
 @pytest.mark.parametrize("threads", [1, 2, 3, 8])
 @pytest.mark.parametrize("shape", SPLIT_SHAPES, ids=str)
-def test_parallel_split_and_merge(shape, threads):
+def test_parallel_split_and_merge(shape, threads, dtype):
     """The parallel kernels' work split depends only on the thread count they are
-    given; pretending to have more threads than the machine exercises every merge."""
-    dtype = np.float32
+    given; pretending to have more threads than the machine exercises every merge.
+    bfloat16 data are passed as the int16 views that forward_train etc. pass."""
     x, w, b, dy = make(shape, dtype, seed=3, offset=50.0)
-    out = cpu._ft_parallel(x, w, b, 1e-5, threads, np.empty_like(x))
-    check_forward_train(x, w, b, 1e-5, out)
-    _, mean, var, inv = out
-    y = cpu._fe_parallel(x, mean, var, w, b, 1e-5, threads, np.empty_like(x))
-    check_forward_eval(x, mean, var, w, b, 1e-5, y)
-    bw = cpu._bw_parallel(dy, x, mean, inv, w, threads, np.empty_like(x))
-    check_backward(dy, x, mean, inv, w, bw)
+    xk, dyk = _kernel_view(x), _kernel_view(dy)
+    y, mean, var, inv = cpu._ft_parallel(xk, w, b, 1e-5, threads, np.empty_like(xk))
+    check_forward_train(x, w, b, 1e-5, (_data_view(y, dtype), mean, var, inv))
+    y = cpu._fe_parallel(xk, mean, var, w, b, 1e-5, threads, np.empty_like(xk))
+    check_forward_eval(x, mean, var, w, b, 1e-5, _data_view(y, dtype))
+    dx, dw, db = cpu._bw_parallel(dyk, xk, mean, inv, w, threads, np.empty_like(xk))
+    check_backward(dy, x, mean, inv, w, (_data_view(dx, dtype), dw, db))
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7), (100, 4, 1), (64, 4, 257), (1100, 60, 1)], ids=str)
+def test_bfloat16_without_native_conversions(shape, monkeypatch):
+    """Where the bfloat16 conversions are unusable, bfloat16 runs through the float32
+    kernels with astype around them: float64 arithmetic rounded to float32, then to
+    bfloat16; two roundings, still within u = 2**-8 + 2**-24 (each RNE step is at most
+    u_t |z| / (1 + u_t))."""
+    seen = []
+
+    def spy(kernel):
+        def call(*args):
+            seen.append(args[0].dtype)
+            return kernel(*args)
+        return call
+
+    for name in ("_ft_serial", "_ft_parallel", "_fe_serial", "_fe_parallel", "_bw_serial", "_bw_parallel"):
+        monkeypatch.setattr(cpu, name, spy(getattr(cpu, name)))
+    monkeypatch.setattr(cpu, "_bf16_state", [False])
+    run_all(shape, BF16, seed=5)
+    assert seen == [np.dtype(np.float32)] * 3  # the float32 kernels ran: train, eval, backward
+    monkeypatch.setattr(cpu, "_bf16_state", [True])
+    seen.clear()
+    run_all(shape, BF16, seed=5)
+    assert seen == [np.dtype(np.int16)] * 3
 
 
 def test_respects_numba_num_threads():
@@ -557,6 +614,9 @@ def cases(draw):
             min(scale, 1.0),
             min(offset, 30.0),
         )  # stay inside float16's range
+    # bfloat16 has float32's range: no clamp. Its 8 bits make channels with |m| / std up
+    # to 1e4 nearly or exactly constant, which the bounds (relative to the reference's
+    # variance of the rounded data) must and do handle.
     seed = draw(st.integers(0, 2**32 - 1))
     eps = draw(st.sampled_from([0.0, 1e-5, 0.1]))
     return (A, C, B), dtype, seed, offset, scale, eps

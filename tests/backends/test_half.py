@@ -1,9 +1,15 @@
-"""float16 conversions for the Numba CPU kernels (``fastbn.backends._half``).
+"""float16 and bfloat16 conversions for the Numba CPU kernels (``fastbn.backends._half``).
 
 The conversions must equal NumPy's bit for bit: ``h2f`` is exact (every float16 is a
 float32), and ``f2h`` rounds to nearest, ties to even, once, also from float64. So
 there are no tolerances here: every comparison is of bit patterns, except for NaN,
 whose payload the hardware may change (documented per test).
+
+bfloat16 likewise: ``b2f`` is exact and ``f2b`` rounds once to nearest even. Its oracles
+are the bit patterns themselves (``b2f``), ml_dtypes for float32 inputs (a float32 has
+one correctly rounded bfloat16), and for float64 inputs an exact oracle built here from
+the sorted table of bfloat16 values (:func:`exact_f2b`), independent of ml_dtypes,
+which may round a float64 through float32.
 
 Both implementations are tested on every machine: the one the target compiles to
 (F16C instructions on x86-64) and the integer code used where the target has no half
@@ -20,6 +26,7 @@ import subprocess
 import sys
 import textwrap
 
+import ml_dtypes
 import numba
 import numpy as np
 import pytest
@@ -27,7 +34,7 @@ from numba import njit, prange
 from numba.core.errors import TypingError
 
 from fastbn.backends import _half
-from fastbn.backends._half import f2h, h2f, ld, st
+from fastbn.backends._half import b2f, cf, f2b, f2h, h2f, ld, st
 
 # ----------------------------------------------------------------------------------
 # Kernels under test
@@ -441,3 +448,384 @@ def test_supported_detects_library_calls():
     ok, reason = _run_generic("forced").split(" ", 1)
     assert ok == "False"
     assert "call" in reason and "extendhfsf2" in reason and "truncsfhf2" in reason
+
+
+# ----------------------------------------------------------------------------------
+# bfloat16: b2f / f2b
+# ----------------------------------------------------------------------------------
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+# Compiled afresh in every run (no on-disk cache): Numba keys a cached kernel on its own
+# source file only, so a cached copy would go on testing an old b2f/f2b after _half changes.
+@njit(cache=False)
+def _b2f(u):
+    out = np.empty(u.size, np.float32)
+    for i in range(u.size):
+        out[i] = b2f(u[i])
+    return out
+
+
+@njit(cache=False)
+def _f2b(v):
+    out = np.empty(v.size, np.int16)
+    for i in range(v.size):
+        out[i] = f2b(v[i])
+    return out
+
+
+@njit(cache=False)
+def _ld_copy(u):
+    out = np.empty(u.size, np.float32)
+    for i in range(u.size):
+        out[i] = ld(u[i])
+    return out
+
+
+@njit(cache=False)
+def _st_copy(v, out):
+    for i in range(v.size):
+        out[i] = st(v[i], out)
+
+
+@njit(cache=False)
+def _st_literals(out):
+    out[0] = st(3, out)
+    out[1] = st(True, out)
+    out[2] = st(np.uint8(255), out)
+    out[3] = st(np.int64(-257), out)
+
+
+@njit(cache=False)
+def _cf(v, like):
+    return cf(v, like)
+
+
+def f2b_bits(v):
+    """bfloat16 bits (uint16) that f2b gives for the float32 or float64 array `v`."""
+    return _f2b(v).view(np.uint16)
+
+
+def ml_f2b(v):
+    """ml_dtypes' conversion to bfloat16, as bits (the oracle for float32 inputs only)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return v.astype(BF16).view(np.uint16)
+
+
+# The finite non-negative bfloat16 values: patterns 0x0000..0x7F7F, whose values increase
+# with the pattern, then 2**128 at index 0x7F80 (inf's pattern: where the next binade would
+# start). Midpoints of neighbours are exact in float64 (8-bit significands, no underflow);
+# the last one is the overflow threshold (2 - 2**-8) * 2**127.
+_BF_POS = np.append((np.arange(0x7F80, dtype=np.uint32) << 16).view(np.float32).astype(np.float64),
+                    2.0**128)
+_BF_MIDS = (_BF_POS[:-1] + _BF_POS[1:]) / 2
+BF_OVERFLOW = (2 - 2.0**-8) * 2.0**127
+
+
+def exact_f2b(d):
+    """bfloat16 bits (uint16) of the float64 values `d`, correctly rounded: to the nearer
+    neighbour in the table of values, ties to the even pattern, inf from BF_OVERFLOW on,
+    sign applied symmetrically. The oracle for f2b of float64 (not for NaN)."""
+    d = np.asarray(d, np.float64)
+    assert not np.any(np.isnan(d))
+    a = np.abs(d)
+    lo = np.searchsorted(_BF_POS, a, side="right") - 1  # _BF_POS[lo] <= a < _BF_POS[lo + 1]
+    fin = lo < 0x7F80  # else a >= 2**128 (inf included): lo is inf's pattern
+    mid = _BF_MIDS[np.minimum(lo, 0x7F7F)]
+    up = fin & ((a > mid) | ((a == mid) & (lo % 2 == 1)))
+    return (lo + up).astype(np.uint16) | (np.signbit(d).astype(np.uint16) << 15)
+
+
+def f2b_cases32():
+    """float32 inputs for f2b: every exponent and sign; every tie, exact value and their
+    neighbours; float32 subnormals; the edges of overflow; NaNs (some whose payload lies
+    only in the discarded bits, which rounding would turn into infinity)."""
+    hi = np.arange(1 << 16, dtype=np.uint32) << 16
+    sub = np.arange(0, 1 << 23, 61, dtype=np.uint32)
+    parts = [
+        np.arange(0, 1 << 32, 4093, dtype=np.uint64).astype(np.uint32),  # every exponent
+        hi, hi | 0x8000, hi | 0x7FFF, hi | 0x8001, hi | 0x0001, hi | 0xFFFF,
+        sub, sub | 0x80000000,
+        np.array([0x00000000, 0x80000000, 0x7F800000, 0xFF800000, 0x7F7FFFFF, 0xFF7FFFFF,
+                  0x7F7F7FFF, 0x7F7F8000, 0x7F7F8001, 0xFF7F8000, 0x00000001, 0x00008000,
+                  0x00018000, 0x007FFFFF, 0x00800000, 0x7F800001, 0x7FBFFFFF, 0x7FC00000,
+                  0xFF800001, 0xFFFFFFFF, 0x7F808000], np.uint32),
+    ]
+    return np.concatenate(parts).view(np.float32)
+
+
+def f2b_cases64():
+    """float64 inputs for f2b (no NaN): random values from below bfloat16's smallest
+    subnormal (2**-133) to overflow, random bit patterns, every bfloat16 value and midpoint
+    with their float64 neighbours, and values 2**-30 (relative) off each midpoint, which
+    round to the midpoint in float32: rounding through float32 to nearest gets them wrong."""
+    rng = np.random.default_rng(11)
+    n = 1 << 18
+    rand = rng.choice([-1.0, 1.0], n) * np.ldexp(rng.uniform(1, 2, n), rng.integers(-141, 129, n))
+    bits = _random_bits(np.float64, 1 << 16, 12)
+    fin, mids = _BF_POS[:-1], _BF_MIDS
+    off = mids * 2.0**-30
+    pos = np.concatenate([fin, np.nextafter(fin, 0), np.nextafter(fin, np.inf),
+                          mids, np.nextafter(mids, 0), np.nextafter(mids, np.inf), mids + off, mids - off,
+                          [np.inf, 2.0**128, 1e300, 1e-300, 5e-324, 2.0**-149, 2.0**-150, 3 * 2.0**-150,
+                           2.0**-126, np.nextafter(2.0**-126, 0), np.finfo(np.float32).max]])
+    return np.concatenate([pos, -pos, rand, bits[~np.isnan(bits)]])
+
+
+def test_b2f_every_bit_pattern():
+    got = _b2f(ALL16.view(np.int16))
+    # exact: the bits are the upper half of the float32, NaN payloads and signalling bit kept
+    np.testing.assert_array_equal(got.view(np.uint32), ALL16.astype(np.uint32) << 16)
+    want = ALL16.view(BF16).astype(np.float32)
+    nan = np.isnan(want)
+    assert nan.sum() == 2 * 127  # 2 signs x 127 nonzero 7-bit mantissas
+    np.testing.assert_array_equal(got.view(np.uint32)[~nan], want.view(np.uint32)[~nan])
+    assert np.all(np.isnan(got[nan]))
+
+
+def test_exact_f2b_oracle():
+    """The float64 oracle on values worked out by hand, on the bfloat16 values themselves,
+    and against ml_dtypes on float32 inputs (a float32 has one correctly rounded bfloat16,
+    and float32 -> float64 is exact, so the two must agree)."""
+    cases = [
+        (0.0, 0x0000), (-0.0, 0x8000), (1.0, 0x3F80), (-(1 + 2.0**-7), 0xBF81),
+        (1 + 2.0**-8, 0x3F80),  # tie: down to even
+        (1 + 3 * 2.0**-8, 0x3F82),  # tie: up to even
+        (1 + 2.0**-8 + 2.0**-40, 0x3F81),  # above the tie (through float32: the tie, then 0x3F80)
+        (1 + 2.0**-8 - 2.0**-40, 0x3F80),
+        (257.0, 0x4380), (259.0, 0x4382),  # ties between 256, 258, 260
+        (2.0**-133, 0x0001),  # smallest subnormal
+        (2.0**-134, 0x0000),  # tie between 0 and 2**-133: even
+        (2.0**-134 + 2.0**-160, 0x0001),
+        (3 * 2.0**-134, 0x0002),  # tie between 0x0001 and 0x0002
+        (2.0**-126, 0x0080), (2.0**-126 - 2.0**-133, 0x007F),
+        ((2 - 2.0**-7) * 2.0**127, 0x7F7F),  # largest finite
+        (-(2 - 2.0**-7) * 2.0**127, 0xFF7F),
+        (BF_OVERFLOW, 0x7F80), (np.nextafter(BF_OVERFLOW, 0), 0x7F7F), (-BF_OVERFLOW, 0xFF80),
+        (1e300, 0x7F80), (-1e-300, 0x8000), (np.inf, 0x7F80), (-np.inf, 0xFF80),
+    ]
+    d = np.array([c[0] for c in cases], np.float64)
+    np.testing.assert_array_equal(exact_f2b(d), np.array([c[1] for c in cases], np.uint16))
+    assert BF_OVERFLOW == _BF_MIDS[-1]
+    assert np.all(np.diff(_BF_POS) > 0)
+    np.testing.assert_array_equal(exact_f2b(_BF_POS[:-1]), np.arange(0x7F80, dtype=np.uint16))
+    np.testing.assert_array_equal(exact_f2b(-_BF_POS[:-1]), np.arange(0x7F80, dtype=np.uint16) | 0x8000)
+    v = f2b_cases32()
+    keep = ~np.isnan(v)
+    np.testing.assert_array_equal(exact_f2b(v[keep].astype(np.float64)), ml_f2b(v[keep]))
+
+
+def _check_f2b_nan(got, v):
+    """NaN: a quiet NaN (exponent all ones and the quiet bit 0x40) of the same sign."""
+    nan = np.isnan(v)
+    gn = got[nan]
+    assert gn.size > 0
+    assert np.all((gn & 0x7FC0) == 0x7FC0)
+    np.testing.assert_array_equal(gn >> 15, np.signbit(v[nan]).astype(np.uint16))
+    return nan
+
+
+def test_f2b_float32_matches_ml_dtypes():
+    v = f2b_cases32()
+    got = f2b_bits(v)
+    want = ml_f2b(v)
+    nan = _check_f2b_nan(got, v)
+    bad = np.flatnonzero((got != want) & ~nan)
+    assert bad.size == 0, f"{bad.size} mismatches, e.g. {v.view(np.uint32)[bad[:5]]}: {got[bad[:5]]} != {want[bad[:5]]}"
+    # NaN keeps its sign and leading payload bits: (bits >> 16) | 0x40
+    fb = v.view(np.uint32)[nan]
+    np.testing.assert_array_equal(got[nan], ((fb >> 16) | 0x40).astype(np.uint16))
+
+
+def test_f2b_float32_cases_are_discriminating():
+    v = f2b_cases32()
+    fb = v.view(np.uint32)
+    want = ml_f2b(v)
+    fin = np.isfinite(v)
+    r = want.view(BF16).astype(np.float64)
+    tie = fin & ((fb & 0xFFFF) == 0x8000)
+    assert np.count_nonzero(tie & (np.abs(r) > np.abs(v))) > 1000  # ties rounded up to even
+    assert np.count_nonzero(tie & (np.abs(r) < np.abs(v))) > 1000  # ties rounded down to even
+    assert np.count_nonzero(fin & np.isinf(r)) >= 4  # overflow from 0x7F7F8000 on
+    assert np.count_nonzero(fin & (v != 0) & (r == 0)) > 100  # underflow to signed zero
+    assert np.count_nonzero(((want & 0x7F80) == 0) & ((want & 0x7F) != 0)) > 1000  # subnormals
+    # mantissa carries into the exponent
+    assert np.count_nonzero(fin & ((fb >> 16) & 0x7F == 0x7F) & ((fb & 0xFFFF) > 0x8000)) > 1000
+    # NaNs whose payload is only in the 16 discarded bits: rounding would make them inf
+    assert np.count_nonzero(np.isnan(v) & ((fb & 0x7FFF0000) == 0x7F800000)) >= 8
+
+
+def test_f2b_float64_correctly_rounded():
+    v = f2b_cases64()
+    got = f2b_bits(v)
+    want = exact_f2b(v)
+    bad = np.flatnonzero(got != want)
+    assert bad.size == 0, f"{bad.size} mismatches, e.g. {v[bad[:5]]!r}: {got[bad[:5]]} != {want[bad[:5]]}"
+
+
+def test_f2b_float64_cases_are_discriminating():
+    v = f2b_cases64()
+    want = exact_f2b(v)
+    r = want.view(BF16).astype(np.float64)
+    tie = np.isin(np.abs(v), _BF_MIDS)
+    assert np.count_nonzero(tie & (np.abs(r) > np.abs(v))) > 1000
+    assert np.count_nonzero(tie & (np.abs(r) < np.abs(v))) > 1000
+    fin = np.isfinite(v)
+    assert np.count_nonzero(fin & np.isinf(r) & (np.abs(v) < 2.0**128)) >= 2  # overflow at the midpoint
+    assert np.count_nonzero(fin & (v != 0) & (r == 0)) > 1000  # underflow to signed zero
+    assert np.count_nonzero(((want & 0x7F80) == 0) & ((want & 0x7F) != 0)) > 1000  # subnormals
+    assert np.count_nonzero(np.abs(v) < 2.0**-126) > 10000  # float32's subnormal range
+    # Rounding through float32 to nearest would get many of them wrong.
+    with np.errstate(over="ignore"):
+        twice = ml_f2b(v.astype(np.float32))
+    assert np.count_nonzero(twice != want) > 10000
+
+
+def test_f2b_float64_nan():
+    d = np.array([np.nan, -np.nan, 0x7FF0000000000001, 0xFFF0000000000001, 0x7FF8000000000000,
+                  0x7FFFFFFFFFFFFFFF, 0x7FF0000020000000], np.float64)
+    d[2:] = np.array([0x7FF0000000000001, 0xFFF0000000000001, 0x7FF8000000000000,
+                      0x7FFFFFFFFFFFFFFF, 0x7FF0000020000000], np.uint64).view(np.float64)
+    assert np.all(np.isnan(d))
+    _check_f2b_nan(f2b_bits(d), d)
+
+
+def test_bfloat16_roundtrip_every_value():
+    """f2b(b2f(u)) == u for every non-NaN pattern, from float32 and from float64."""
+    u = ALL16.view(np.int16)
+    keep = ~np.isnan(ALL16.view(BF16))
+    f = _b2f(u)
+    np.testing.assert_array_equal(_f2b(f)[keep], u[keep])
+    with np.errstate(invalid="ignore"):  # NumPy warns on signalling NaNs
+        f64 = f.astype(np.float64)
+    np.testing.assert_array_equal(_f2b(f64)[keep], u[keep])
+
+
+# ----------------------------------------------------------------------------------
+# bfloat16: ld / st / cf in kernels
+# ----------------------------------------------------------------------------------
+
+
+def test_ld_st_int16_are_the_bfloat16_conversions():
+    """On int16 arrays ld is b2f and st is f2b (float32 and float64 values)."""
+    got = _ld_copy(ALL16.view(np.int16))
+    np.testing.assert_array_equal(got.view(np.uint32), ALL16.astype(np.uint32) << 16)
+    v32 = f2b_cases32()
+    out = np.empty(v32.size, np.int16)
+    _st_copy(v32, out)
+    np.testing.assert_array_equal(out, _f2b(v32))
+    keep = ~np.isnan(v32)
+    np.testing.assert_array_equal(out.view(np.uint16)[keep], ml_f2b(v32[keep]))
+    v64 = f2b_cases64()
+    out = np.empty(v64.size, np.int16)
+    _st_copy(v64, out)
+    np.testing.assert_array_equal(out.view(np.uint16), exact_f2b(v64))
+
+
+def test_st_int16_of_integers():
+    """Integers are converted to float64, then rounded once to bfloat16: 2**33 + 2**25 + 1
+    is just above a tie (through float32 it would become the tie and round down)."""
+    k = np.array([0, 1, -3, 257, 259, 2**33 + 2**25, 2**33 + 2**25 + 1, -(2**62 + 2**54 + 1), 2**63 - 1],
+                 np.int64)
+    out = np.empty(k.size, np.int16)
+    _st_copy(k, out)
+    want = exact_f2b(k.astype(np.float64))
+    np.testing.assert_array_equal(out.view(np.uint16), want)
+    assert want[6] == want[5] + 1  # the rounding above the tie is exercised
+    k32 = np.array([7, -65535, 2**31 - 1], np.int32)
+    out = np.empty(k32.size, np.int16)
+    _st_copy(k32, out)
+    np.testing.assert_array_equal(out.view(np.uint16), exact_f2b(k32.astype(np.float64)))
+    out = np.zeros(4, np.int16)
+    _st_literals(out)
+    np.testing.assert_array_equal(out.view(np.uint16), exact_f2b([3.0, 1.0, 255.0, -257.0]))
+
+
+with np.errstate(over="ignore"):  # includes values that overflow to inf
+    _rng_b = np.random.default_rng(13)
+    _XB = np.concatenate([np.ldexp(_rng_b.uniform(-2, 2, 5000), _rng_b.integers(-136, 129, 5000)),
+                          _BF_POS[:-1:7], -_BF_POS[:-1:11]]).astype(BF16)
+
+
+@pytest.mark.parametrize("kernel", [affine, affine_par], ids=["serial", "parallel"])
+@pytest.mark.parametrize("ab", [np.float32, np.float64])
+def test_ld_st_kernel_bfloat16(kernel, ab):
+    """The generic kernels on bfloat16 data (int16 views): x * a + b with a = -2 (exact
+    product, so fusing changes nothing) computed in the coefficients' precision, then
+    rounded once to bfloat16."""
+    x = _XB
+    y = np.empty_like(x)
+    kernel(x.view(np.int16), y.view(np.int16), ab(_A), ab(_B))
+    if ab == np.float32:  # ld gives float32: float32 arithmetic, then float32 -> bfloat16
+        with np.errstate(over="ignore"):
+            want = ml_f2b(x.astype(np.float32) * np.float32(_A) + np.float32(_B))
+    else:  # float64 arithmetic, then float64 -> bfloat16
+        want = exact_f2b(x.astype(np.float64) * _A + _B)
+    assert np.count_nonzero(np.isinf(x)) > 10
+    np.testing.assert_array_equal(y.view(np.uint16), want)
+
+
+def test_ld_reduction_bfloat16():
+    x = np.array([1.0, 2.5, -0.25, 65280.0, 2.0**-133], BF16)
+    assert total(x.view(np.int16)) == 1.0 + 2.5 - 0.25 + 65280.0 + 2.0**-133
+
+
+def test_cf_int16_is_float32():
+    assert _cf(1 / 3, np.zeros(1, np.int16)) == float(np.float32(1 / 3)) != 1 / 3
+    assert _cf(1 / 3, np.zeros(1, np.float64)) == 1 / 3
+
+
+def test_bfloat16_typing_errors():
+    @njit
+    def b(v):
+        return b2f(v)
+
+    @njit
+    def f(v):
+        return f2b(v)
+
+    @njit
+    def s(v, out):
+        out[0] = st(v, out)
+
+    with pytest.raises(TypingError, match="b2f expects an int16"):
+        b(np.uint16(1))
+    with pytest.raises(TypingError, match="f2b expects a float32 or float64"):
+        f(np.int16(1))
+    with pytest.raises(TypingError, match="st expects a real number"):
+        s(1j, np.zeros(1, np.int16))
+
+
+# ----------------------------------------------------------------------------------
+# bfloat16: capability check
+# ----------------------------------------------------------------------------------
+
+
+def test_bfloat16_supported():
+    ok, reason = _half.bfloat16_supported()
+    assert ok, reason
+    assert reason == "bfloat16 conversions use integer code"
+    assert _half.bfloat16_supported() == (ok, reason)
+
+
+def test_bfloat16_check_detects_wrong_conversions(monkeypatch):
+    """The check itself can fail: wrong values, or conversions that fail to run."""
+    right = _half._bf_roundtrip
+
+    def off_by_one(u, f, d):
+        a, b, c = right(u, f, d)
+        c[0] += 1  # 1 + 2**-8 + 2**-40 rounded as if through float32
+        return a, b, c
+
+    monkeypatch.setattr(_half, "_bf_roundtrip", off_by_one)
+    assert _half._bf_check() == (False, "bfloat16 conversions give wrong values on this target")
+
+    def broken(u, f, d):
+        raise RuntimeError("no")
+
+    monkeypatch.setattr(_half, "_bf_roundtrip", broken)
+    ok, reason = _half._bf_check()
+    assert not ok and "failed to compile or run" in reason
+    monkeypatch.setattr(_half, "_bf_roundtrip", right)
+    assert _half._bf_check() == (True, "bfloat16 conversions use integer code")

@@ -3,8 +3,8 @@ tests/test_gpu.py).
 
 Error bounds
 ------------
-With u the unit roundoff of the accumulation dtype (float32 for float16/float32 data,
-float64 for float64 data), M = A * B values per channel and r = |mean| / std of a
+With u the unit roundoff of the accumulation dtype (float32 for float16, bfloat16 and
+float32 data, float64 for float64 data), M = A * B values per channel and r = |mean| / std of a
 channel, a stable kernel (Welford states merged with Chan's formula) computes
 
 * the mean with absolute error <= K u L (|mean| + std), and
@@ -32,9 +32,10 @@ K = 8.0
 
 
 def stats_dtype(dtype):
-    """float16 -> float32, other dtypes unchanged."""
+    """float16 and bfloat16 (ml_dtypes) -> float32, other dtypes unchanged."""
     dtype = np.dtype(dtype)
-    return np.dtype(np.float32) if dtype == np.float16 else dtype
+    half = dtype == np.float16 or (dtype.kind == "V" and dtype.name == "bfloat16")
+    return np.dtype(np.float32) if half else dtype
 
 
 def acc_u(dtype) -> float:

@@ -7,8 +7,12 @@
 // shuffles exchange values through a per-warp buffer between two warp barriers. A thread
 // that returns drops out of its barriers, like an exited CUDA thread.
 //
+// bfloat16 (FASTBN_DTYPE=3): __nv_bfloat16 and the two conversions the kernels use, with
+// the results of cuda_bf16.h (exact widening; rounding to nearest even, a NaN becoming the
+// canonical NaN 0x7FFF, as cvt.rn.bf16.f32 does).
+//
 // Built by tests/cudasim/test_cuda_c_emulated.py as a shared library per dtype:
-//   g++ -std=c++20 -O1 -pthread -shared -fPIC -DFASTBN_DTYPE=<0|1|2> -DFASTBN_HOST_EMULATION
+//   g++ -std=c++20 -O1 -pthread -shared -fPIC -DFASTBN_DTYPE=<0|1|2|3> -DFASTBN_HOST_EMULATION
 //       -I fastbn/kernels cuda_emulation.cpp
 // and driven like the CUDA driver API: fastbn_emu_launch(name, grid, block, args, sizes)
 // with `args` an array of pointers to the argument values and `sizes` their byte sizes,
@@ -67,6 +71,27 @@ inline V __shfl_xor_sync(unsigned /*mask*/, V v, int lane_mask) {
     emu::warp_barriers[warp]->arrive_and_wait();
     return out;
 }
+
+#if FASTBN_DTYPE == 3
+struct alignas(2) __nv_bfloat16 {
+    unsigned short __x;
+};
+inline float __bfloat162float(__nv_bfloat16 v) {
+    const std::uint32_t u = (std::uint32_t)v.__x << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+    std::uint32_t u;
+    std::memcpy(&u, &f, 4);
+    __nv_bfloat16 r;
+    r.__x = (u & 0x7fffffffu) > 0x7f800000u
+                ? (unsigned short)0x7fffu
+                : (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    return r;
+}
+#endif
 
 #include "batchnorm.cu"
 

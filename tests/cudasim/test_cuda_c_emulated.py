@@ -23,6 +23,7 @@ import sys
 import zlib
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -31,7 +32,8 @@ from _fake_cupy import FakeArray, FakeDevice, make_fake_cupy, to_fake
 
 HERE = Path(__file__).resolve().parent
 GXX = shutil.which("g++")
-DTYPES = [np.float16, np.float32, np.float64]
+#: bfloat16 runs the FASTBN_DTYPE=3 instantiation, with the emulation's __nv_bfloat16
+DTYPES = [np.float16, np.float32, np.float64, ml_dtypes.bfloat16]
 
 pytestmark = pytest.mark.skipif(GXX is None, reason="g++ is not on the PATH")
 #: runs in the main test run too (see conftest.py): no numba involved
@@ -210,3 +212,32 @@ def test_constant_and_infinite_features(cupy_raw, case, dtype):
     x3, w, b = special_case(rng, SHAPES[case], dtype)
     out = cupy_raw.forward_train(to_fake(x3), to_fake(w), to_fake(b), 0.0)
     check_special(x3, w, b, out)
+
+
+
+@pytest.mark.parametrize("alpha, beta", [(1.0, -0.0), (1.125, 0.375)], ids=["exact", "rounded"])
+def test_bfloat16_loads_and_stores_every_pattern(cupy_raw, alpha, beta):
+    """The bfloat16 instantiation converts as cuda_bf16.h does, checked on all 65536 bit
+    patterns through the elementwise kernel of eval mode, y = (x - 0) * alpha + beta in
+    float32 (mean 0; var 1, eps 0: alpha = weight). The float32 arithmetic is IEEE, so
+    NumPy's float32 gives the same float32 result, and ml_dtypes' round to nearest even the
+    expected bfloat16: alpha = 1, beta = -0 returns every value unchanged (-0 too), alpha =
+    9/8 makes 11-bit products that round, with many ties, and overflow near the largest
+    value. NaN stays NaN (the canonical NaN, as on the GPU)."""
+    bf = np.dtype(ml_dtypes.bfloat16)
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    x3 = bits.view(bf).reshape(256, 256, 1)
+    c = x3.shape[1]
+    mean, var = np.zeros(c, np.float32), np.ones(c, np.float32)
+    w, b = np.full(c, alpha, np.float32), np.full(c, beta, np.float32)
+    y = np.asarray(cupy_raw.forward_eval(to_fake(x3), to_fake(mean), to_fake(var), to_fake(w),
+                                         to_fake(b), 0.0)).reshape(-1).view(np.uint16)
+    with np.errstate(over="ignore", invalid="ignore"):
+        y32 = (x3.reshape(-1).astype(np.float32) - np.float32(0)) * np.float32(alpha) \
+            + np.float32(beta)
+        want = y32.astype(bf).view(np.uint16)
+    nan = np.isnan(y32)
+    np.testing.assert_array_equal(y[~nan], want[~nan])
+    np.testing.assert_array_equal(y[nan], 0x7FFF)
+    if alpha == 1.0:
+        np.testing.assert_array_equal(y[~nan], bits[~nan])

@@ -18,6 +18,7 @@ import sys
 import textwrap
 import zlib
 
+import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -35,7 +36,8 @@ pytestmark = pytest.mark.cudasim
 SIM = dict(empty=np.empty, wrap=lambda a: a, stream=0, num_sms=2,
            plan_kw=dict(max_threads=32, max_tile=128))
 
-DTYPES = [np.float16, np.float32, np.float64]
+#: bfloat16 data go to the kernels as uint16 bits, converted by device functions
+DTYPES = [np.float16, np.float32, np.float64, ml_dtypes.bfloat16]
 
 
 def run_all(rng, shape, dtype, eps=1e-5, offset_ratio=0.0):
@@ -163,6 +165,35 @@ def test_property_matches_reference(shape, dtype, offset, eps, seed):
     run_all(np.random.default_rng(seed), shape, dtype, eps=eps, offset_ratio=offset)
 
 
+# the simulator computes with NumPy scalars in its own threads: inf and NaN warn there
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
+                            "ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("alpha, beta", [(1.0, -0.0), (1.125, 0.375)], ids=["exact", "rounded"])
+def test_bfloat16_loads_and_stores_every_pattern(alpha, beta):
+    """The bfloat16 device functions on all 65536 bit patterns, through the eval-mode
+    elementwise kernel: y = (x - 0) * alpha + beta in float32 (var 1, eps 0: alpha is the
+    weight). Loads are exact and stores round to nearest even as ml_dtypes does (alpha = 9/8
+    makes 11-bit products: many ties, overflow near the largest value); alpha = 1, beta = -0
+    returns every value unchanged (-0 too). NaN stays NaN, quiet, with its sign."""
+    bf = np.dtype(ml_dtypes.bfloat16)
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    x3 = bits.view(bf).reshape(16, 16, 256)  # channels-first: 256-value runs
+    c = x3.shape[1]
+    w, b = np.full(c, alpha, np.float32), np.full(c, beta, np.float32)
+    y = nc._forward_eval(x3, np.zeros(c, np.float32), np.ones(c, np.float32), w, b, 0.0,
+                         **SIM).reshape(-1).view(np.uint16)
+    with np.errstate(over="ignore", invalid="ignore"):
+        y32 = (x3.reshape(-1).astype(np.float32) - np.float32(0)) * np.float32(alpha) \
+            + np.float32(beta)
+        want = y32.astype(bf).view(np.uint16)
+    nan = np.isnan(y32)
+    np.testing.assert_array_equal(y[~nan], want[~nan])
+    assert np.all((y[nan] & 0x7FC0) == 0x7FC0)  # quiet NaN (exponent all ones, quiet bit)
+    np.testing.assert_array_equal(y[nan] >> 15, np.signbit(y32[nan]).astype(np.uint16))
+    if alpha == 1.0:
+        np.testing.assert_array_equal(y[~nan], bits[~nan])
+
+
 # ----------------------------------------------------------------------------------------
 # compile_ptx: the simulator does no type checking, so compile every kernel signature to
 # PTX with the real compiler, in a process without the simulator
@@ -170,6 +201,7 @@ def test_property_matches_reference(shape, dtype, offset, eps, seed):
 
 _PTX_SCRIPT = textwrap.dedent("""
     import re, sys
+    import ml_dtypes
     import numpy as np
     try:
         import numba
@@ -182,9 +214,9 @@ _PTX_SCRIPT = textwrap.dedent("""
     def arr(dt):
         return types.Array(numba.from_dtype(np.dtype(dt)), 1, "C")
     n = 0
-    for dt in (np.float16, np.float32, np.float64):
-        k = nc.kernels(nc._acc_name(dt))
-        codes = {"x": arr(dt), "s": arr(nc.stats_dtype(dt)), "i": arr(np.int32),
+    for dt in (np.float16, np.float32, np.float64, ml_dtypes.bfloat16):
+        k, kdt = nc._kernels_for(dt)  # bfloat16: uint16 bits
+        codes = {"x": arr(kdt), "s": arr(nc.stats_dtype(dt)), "i": arr(np.int32),
                  "I": types.int64, "F": types.float64}
         for name, sig in nc.KERNEL_SIGNATURES.items():
             try:
@@ -216,7 +248,7 @@ def test_compile_ptx_every_kernel_signature():
     if proc.returncode == 77:
         pytest.skip(out.strip().splitlines()[-1])
     assert proc.returncode == 0, out
-    assert f"OK {3 * len(nc.KERNEL_SIGNATURES)}" in out, out
+    assert f"OK {4 * len(nc.KERNEL_SIGNATURES)}" in out, out
 
 
 def _repo_root():
