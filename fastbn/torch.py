@@ -34,6 +34,7 @@ Contents, in reading order:
 Requires PyTorch >= 2.4 (``torch.library.custom_op``).
 """
 
+import functools
 import math
 import numbers
 import warnings
@@ -823,6 +824,38 @@ _batch_norm_eval.register_autograd(_op_eval_backward, setup_context=_op_eval_set
 # ---------------------------------------------------------------------------------------
 # 6. The functional API
 # ---------------------------------------------------------------------------------------
+_trace_warned: list = []
+
+
+def _traced(input, running_mean, running_var, weight, bias, training, momentum, eps):
+    """Under ``torch.jit.trace``: torch's own batch norm, so that the trace records an
+    ``aten::batch_norm`` node. fastbn's kernels return tensors made from NumPy arrays,
+    which the tracer would record as constants: the traced module would then return the
+    outputs of the example input for every input. Warned once per process."""
+    if not _trace_warned:
+        _trace_warned.append(True)
+        warnings.warn("torch.jit.trace: fastbn's batch norm is traced as torch's "
+                      "(aten::batch_norm), because the tracer cannot record fastbn's kernels; "
+                      "use torch.compile to keep them", UserWarning, stacklevel=3)
+    return torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias,
+                                          training, momentum, eps)
+
+
+def _has_tangent(t) -> bool:
+    return t is not None and _fwad.unpack_dual(t).tangent is not None
+
+
+def _check_stats_tangents(input, running_mean, running_var, weight, bias) -> None:
+    """torch's rule in batch_norm_jvp: where forward AD runs (the input, weight or bias has
+    a tangent), running statistics with a tangent are an error (the output is not
+    differentiable with respect to them). Checked on the arguments: a custom Function's
+    jvp sees zeros for the tangents of arguments that have none."""
+    if ((_has_tangent(running_mean) or _has_tangent(running_var))
+            and (_has_tangent(input) or _has_tangent(weight) or _has_tangent(bias))):
+        raise BatchNormError("batch_norm is not differentiable wrt running_mean and running_var, "
+                             "they cannot have forward grad defined")
+
+
 def _needs_autograd(input, weight, bias) -> bool:
     """Whether the call must go through an autograd.Function (gradients to record, a
     forward-AD level open, or a torch.func transform active)."""
@@ -908,6 +941,8 @@ def batch_norm(
     if input.numel() == 0:
         return _empty(input, weight, bias)
     momentum, eps = float(momentum), float(eps)
+    if torch.jit.is_tracing():
+        return _traced(input, running_mean, running_var, weight, bias, training, momentum, eps)
     if torch.compiler.is_compiling():
         if not training:
             return torch.ops.fastbn.batch_norm_eval(input, running_mean, running_var, weight,
@@ -920,6 +955,8 @@ def batch_norm(
                 running_var.copy_(new_rv)
         return y
     if _needs_autograd(input, weight, bias):
+        if _fwad._current_level >= 0:
+            _check_stats_tangents(input, running_mean, running_var, weight, bias)
         if training:
             return _TrainFn.apply(input, weight, bias, running_mean, running_var, momentum,
                                   eps)[0]
@@ -1103,6 +1140,8 @@ def _rebuilt(module: torch.nn.Module, cls) -> torch.nn.Module:
         new._buffers[name] = module._buffers.get(name)
     new.train(module.training)
     return new
+
+
 def convert(model: torch.nn.Module) -> torch.nn.Module:
     """Swap every :class:`torch.nn.BatchNorm1d`/``2d``/``3d`` in `model` for fastbn's.
 
@@ -1147,10 +1186,24 @@ def convert(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def _as_torch_modules(method):
+    """`method` (a torch fuser method) given torch's BatchNorm in place of fastbn's: the
+    fused modules of torch.ao check the exact type of their BatchNorm. The stand-in shares
+    the parameters and buffers (:func:`_rebuilt`), so eval-mode folding reads the same
+    values and a QAT module trains the same tensors (with torch's batch-norm kernels)."""
+    def fuse(is_qat, *mods):
+        mods = [_rebuilt(m, m._torch_class) if isinstance(m, _FastBatchNormMixin) else m
+                for m in mods]
+        return method(is_qat, *mods)
+
+    return functools.wraps(method)(fuse)
+
+
 def _register_fusers() -> None:
-    """Let ``torch.ao.quantization.fuse_modules`` fuse fastbn's modules as it fuses
-    torch's: each default (conv/linear, BatchNorm[, ReLU]) pattern is registered again
-    with fastbn's class in the BatchNorm position, with the same fuser method."""
+    """Let ``torch.ao.quantization.fuse_modules`` (and ``fuse_modules_qat``) fuse fastbn's
+    modules as they fuse torch's: each default (conv/linear, BatchNorm[, ReLU]) pattern is
+    registered again with fastbn's class in the BatchNorm position, with the same fuser
+    method applied to a torch stand-in (:func:`_as_torch_modules`)."""
     try:
         from torch.ao.quantization import fuser_method_mappings as fmm
     except ImportError:  # pragma: no cover - torch built without torch.ao
@@ -1160,7 +1213,8 @@ def _register_fusers() -> None:
         return
     for pattern, method in list(table.items()):
         if any(t in _REPLACEMENTS for t in pattern):
-            table.setdefault(tuple(_REPLACEMENTS.get(t, t) for t in pattern), method)
+            table.setdefault(tuple(_REPLACEMENTS.get(t, t) for t in pattern),
+                             _as_torch_modules(method))
 
 
 _register_fusers()

@@ -177,24 +177,74 @@ def test_module_rejects_wrong_rank_like_torch():
         ft.BatchNorm2d(3)(torch.randn(4, 3, 5))
 
 
-def test_float16_input():
-    # float16 data, float32 statistics: compare with torch in float32 on the same values.
-    # The output is rounded to float16 (relative error u_f16 = 2^-11), which dominates
-    # the float32 computation's error, so the bound is a few float16 ulps of max|y|.
+#: unit roundoff of the 16-bit dtypes
+HALF_U = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last],
+                         ids=["contiguous", "channels_last"])
+def test_half_input(dtype, memory_format):
+    # 16-bit data, float32 statistics: compare with torch in float32 on the same values.
+    # The output is rounded to the data dtype (relative error u = 2^-11 or 2^-8), which
+    # dominates the float32 computation's error, so the bound is a few ulps of max|y|.
     gen = torch.Generator().manual_seed(0)
-    x = (torch.randn(8, 4, 6, 6, generator=gen) * 3 + 1).half()
+    x = (torch.randn(8, 4, 6, 6, generator=gen) * 3 + 1).to(dtype)
+    x = x.contiguous(memory_format=memory_format)
+    u = HALF_U[dtype]
     rm, rv = torch.zeros(4), torch.ones(4)
     y = ft.batch_norm(x, rm, rv, training=True)
     rm_t, rv_t = torch.zeros(4), torch.ones(4)
     y_t = torch.nn.functional.batch_norm(x.float(), rm_t, rv_t, training=True)
-    assert y.dtype == torch.float16
-    assert_close(y, y_t, 2 * 2.0**-11, what="float16 output")
+    assert y.dtype == dtype and y.is_contiguous(memory_format=memory_format)
+    assert_close(y, y_t, 2 * u, what=f"{dtype} output")
     assert_close(rm, rm_t, rel_tol(torch.float32, x.numel() // 4))
     assert_close(rv, rv_t, rel_tol(torch.float32, x.numel() // 4))
-    # an all-half module works too (weights converted, running stats written back in half)
-    m = ft.BatchNorm2d(4).half()
+    # backward: dx computed in float32 from the same 16-bit values and rounded once to the
+    # data dtype (u |dx|); dweight summed over M values (float32 sums in torch)
+    xr = x.detach().requires_grad_(True)
+    xt = x.detach().float().requires_grad_(True)
+    g = torch.randn(x.shape, generator=gen).to(dtype).contiguous(memory_format=memory_format)
+    w = (torch.rand(4, generator=gen) + 0.5).requires_grad_(True)
+    wt = w.detach().clone().requires_grad_(True)
+    ft.batch_norm(xr, None, None, w, None, training=True).backward(g)
+    torch.nn.functional.batch_norm(xt, None, None, wt, None, training=True).backward(g.float())
+    assert xr.grad.dtype == dtype and w.grad.dtype == torch.float32
+    assert_close(xr.grad, xt.grad, 2 * u, what=f"{dtype} input grad")
+    xhat = torch.nn.functional.batch_norm(x.float(), None, None, training=True)
+    assert_close(w.grad, wt.grad, rel_tol(torch.float32, x.numel() // 4),
+                 scale=(g.float() * xhat).abs().sum((0, 2, 3)).max().item(), what="weight grad")
+    # an all-16-bit module works too (weights converted, running stats written back)
+    m = ft.BatchNorm2d(4).to(dtype)
     m(x).sum().backward()
-    assert m.weight.grad.dtype == torch.float16 and m.running_mean.dtype == torch.float16
+    assert m.weight.grad.dtype == dtype and m.running_mean.dtype == dtype
+
+
+def test_cpu_autocast_bfloat16_on_converted_model():
+    """CPU autocast (bfloat16 by default): convolutions run in bfloat16 and torch's batch
+    norm runs on their bfloat16 output with float32 parameters; a converted model does the
+    same, with the same output dtype and values within bfloat16 rounding of torch's."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
+                                torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3), torch.nn.BatchNorm2d(4))
+    conv = ft.convert(copy.deepcopy(model))
+    x = torch.randn(4, 3, 10, 10)
+    outs = []
+    for m in (model, conv):
+        with torch.autocast("cpu"):
+            out = m(x)
+        out.float().sum().backward()
+        outs.append(out)
+    t, f = outs
+    assert f.dtype == t.dtype == torch.bfloat16
+    # both outputs round values computed from the same bfloat16 convolution outputs; the
+    # second convolution sees inputs that differ by an ulp here and there: a few ulps
+    assert_close(f.float(), t.float(), 8 * HALF_U[torch.bfloat16], what="autocast output")
+    for (n, pt), pf in zip(model.named_parameters(), conv.parameters()):
+        assert pf.grad is not None and pf.grad.dtype == pt.grad.dtype == torch.float32, n
+    assert torch.equal(conv[1].num_batches_tracked, model[1].num_batches_tracked)
+    assert_close(conv[1].running_mean, model[1].running_mean, 8 * HALF_U[torch.bfloat16],
+                 scale=model[1].running_mean.abs().max().item() + 1e-3)
 
 
 def test_empty_batch_like_torch():
@@ -624,18 +674,19 @@ def test_errors_are_catchable_as_torchs():
         ft.batch_norm(x.requires_grad_(), rmg, rv, training=False)
 
 
-def test_mixed_precision_parameters_like_torch():
-    # float16 input: parameters all float16 or all float32; anything else is an error
-    x = torch.randn(8, 3, 4).half()
-    for p_dtype in (torch.float16, torch.float32):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_mixed_precision_parameters_like_torch(dtype):
+    # 16-bit input: parameters all in the data dtype or all float32; anything else is an error
+    x = torch.randn(8, 3, 4).to(dtype)
+    for p_dtype in (dtype, torch.float32):
         t, f = _both(lambda bn: bn(x, torch.zeros(3, dtype=p_dtype), torch.ones(3, dtype=p_dtype),
                                    torch.ones(3, dtype=p_dtype), torch.zeros(3, dtype=p_dtype),
                                    training=True))
-        assert f.dtype == t.dtype == torch.float16
-        assert_close(f.float(), t.float(), 4 * 2.0**-11, what="float16 output")
+        assert f.dtype == t.dtype == dtype
+        assert_close(f.float(), t.float(), 4 * HALF_U[dtype], what=f"{dtype} output")
     for bn in (torch.nn.functional.batch_norm, ft.batch_norm):
         with pytest.raises(RuntimeError):
-            bn(x, torch.zeros(3, dtype=torch.float16), torch.ones(3, dtype=torch.float16),
+            bn(x, torch.zeros(3, dtype=dtype), torch.ones(3, dtype=dtype),
                torch.ones(3), training=True)
 
 
