@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import os
 import platform
-import subprocess
 
 import pytest
 
+import machine
 from cases import OPS, dtypes_for, shapes_for
 from impls import BenchData, all_impls
 
@@ -140,50 +140,15 @@ def memcpy_floor():
 
 
 # ----------------------------------------------------------------- machine description
-def _lscpu() -> dict:
-    info = {}
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return info
-    for line in out.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("Model name", "CPU(s)", "Thread(s) per core", "L2 cache", "L3 cache"):
-            info[key.strip()] = value.strip()
-    return info
-
-
-def _mem_total_gib() -> float | None:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemTotal:"):
-                    return round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    return None
-
-
-def _versions() -> dict:
-    from importlib import metadata
-
-    out = {}
-    for dist in ("numpy", "numba", "tbb", "torch", "jax", "jaxlib", "pytest-benchmark"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
-
 def pytest_benchmark_update_machine_info(config, machine_info):
     extra = {
-        "lscpu": _lscpu(),
-        "memory_gib": _mem_total_gib(),
+        "lscpu": machine.lscpu(),
+        "memory_gib": machine.mem_total_gib(),
         "os_cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "versions": _versions(),
+        "versions": machine.versions(
+            ("numpy", "numba", "tbb", "torch", "jax", "jaxlib", "pytest-benchmark")),
         "quick": bool(config.getoption("--quick")),
         "loadavg_1_5_15min_at_start": list(_LOAD_AT_START) or None,
         "loadavg_1_5_15min_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,

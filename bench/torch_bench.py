@@ -57,6 +57,10 @@ import torch.nn.functional as F
 import fastbn
 import fastbn.torch as ft
 
+sys.path.insert(0, str(ROOT / "bench"))
+import machine
+from render import fmt_time
+
 SCHEMA = "fastbn-torch-bench/1"
 IMPLS = ("torch", "fastbn")
 
@@ -64,29 +68,12 @@ IMPLS = ("torch", "fastbn")
 # ---------------------------------------------------------------------------------------
 # machine
 # ---------------------------------------------------------------------------------------
-def _cpu_model() -> str | None:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.lower().startswith("model name"):
-                    return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
-
-
 def machine_info() -> dict:
-    from importlib import metadata
-
-    versions = {}
-    for dist in ("torch", "numpy", "numba", "torchvision", "tbb"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = None
+    versions = machine.versions(("torch", "numpy", "numba", "torchvision", "tbb"))
     versions["fastbn"] = getattr(fastbn, "__version__", None)
     info = {
-        "cpu_model": _cpu_model(),
+        "cpu_model": machine.cpu_model(),
+        "memory_gib": machine.mem_total_gib(),
         "os_cpu_count": os.cpu_count(),
         "cpus_available": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "platform": platform.platform(),
@@ -399,16 +386,8 @@ def training_curves(args, tv) -> dict:
 def _progress(res):
     t = res["impls"]
     r = res["ratio_fastbn_over_torch"]
-    print(f"  {res['case']}: torch {_fmt_time(t['torch']['median_s'])}, fastbn "
-          f"{_fmt_time(t['fastbn']['median_s'])}, ratio {r['median']:.2f}", file=sys.stderr, flush=True)
-
-
-def _fmt_time(s: float) -> str:
-    if s < 1e-3:
-        return f"{s * 1e6:.1f} us"
-    if s < 1.0:
-        return f"{s * 1e3:.2f} ms"
-    return f"{s:.2f} s"
+    print(f"  {res['case']}: torch {fmt_time(t['torch']['median_s'])}, fastbn "
+          f"{fmt_time(t['fastbn']['median_s'])}, ratio {r['median']:.2f}", file=sys.stderr, flush=True)
 
 
 def markdown(report: dict) -> str:
@@ -432,7 +411,7 @@ def markdown(report: dict) -> str:
     for res in report["cases"]:
         t, r = res["impls"], res["ratio_fastbn_over_torch"]
         lines.append(
-            f"| {res['case']} | {_fmt_time(t['torch']['median_s'])} | {_fmt_time(t['fastbn']['median_s'])} "
+            f"| {res['case']} | {fmt_time(t['torch']['median_s'])} | {fmt_time(t['fastbn']['median_s'])} "
             f"| {r['median']:.2f} | {r['min']:.2f}-{r['max']:.2f} | {res['rounds']} x {res['reps_per_round']} |"
         )
     for note in report.get("skipped", []):

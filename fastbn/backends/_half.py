@@ -90,6 +90,7 @@ this module, clear the cache of the kernels that use it.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import numpy as np
@@ -552,9 +553,7 @@ def _roundtrip(u, f, d):
     return a, b, c
 
 
-_supported: tuple[bool, str] | None = None
-
-
+@functools.cache
 def supported() -> tuple[bool, str]:
     """Whether the float16 conversions compile and give correct values here.
 
@@ -571,10 +570,7 @@ def supported() -> tuple[bool, str]:
         How the conversions are done (instructions, or the slower integer code when the
         target has no half-precision conversions), or why they cannot be used.
     """
-    global _supported
-    if _supported is None:
-        _supported = _check()
-    return _supported
+    return _check()
 
 
 def _check() -> tuple[bool, str]:
@@ -625,9 +621,7 @@ def _bf_roundtrip(u, f, d):
     return a, b, c
 
 
-_bf_supported: tuple[bool, str] | None = None
-
-
+@functools.cache
 def bfloat16_supported() -> tuple[bool, str]:
     """Whether the bfloat16 conversions compile and give correct values here.
 
@@ -644,10 +638,7 @@ def bfloat16_supported() -> tuple[bool, str]:
     reason : str
         Why not, if they may not.
     """
-    global _bf_supported
-    if _bf_supported is None:
-        _bf_supported = _bf_check()
-    return _bf_supported
+    return _bf_check()
 
 
 def _bf_check() -> tuple[bool, str]:

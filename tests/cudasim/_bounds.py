@@ -209,3 +209,44 @@ def check_special(x3, w, b, out):
     if rest:
         check_forward(x3[:, rest].copy(), w[rest], b[rest], 0.0,
                       (y[:, rest], mean[rest], var[rest], invstd[rest]))
+
+
+# ----------------------------------------------------------------------------------------
+# bfloat16 loads and stores on every bit pattern
+# ----------------------------------------------------------------------------------------
+
+#: (alpha, beta) of the every-pattern tests: alpha = 1, beta = -0 returns every value
+#: unchanged (-0 too); alpha = 9/8 makes 11-bit products that round, with many ties, and
+#: overflow near the largest value
+BF16_PATTERN_CASES = {"exact": (1.0, -0.0), "rounded": (1.125, 0.375)}
+
+
+def bf16_every_pattern(shape):
+    """All 65536 bfloat16 bit patterns as an array of `shape` (the canonical (A, C, B))."""
+    import ml_dtypes
+
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    return bits.view(np.dtype(ml_dtypes.bfloat16)).reshape(shape)
+
+
+def check_bf16_every_pattern(x3, y, alpha, beta, nan_rule):
+    """Check the eval-mode output `y` of ``y = (x3 - 0) * alpha + beta`` (mean 0, var 1,
+    eps 0: alpha is the weight) on :func:`bf16_every_pattern` input.
+
+    The float32 arithmetic is IEEE, so NumPy's float32 gives the same float32 result, and
+    ml_dtypes' round to nearest even the expected bfloat16. `nan_rule` checks the bits of
+    the NaN outputs, given the float32 values they came from: the one place the backends
+    differ (a canonical NaN or the quieted input).
+    """
+    import ml_dtypes
+
+    y = np.asarray(y).reshape(-1).view(np.uint16)
+    with np.errstate(over="ignore", invalid="ignore"):
+        y32 = (x3.reshape(-1).astype(np.float32) - np.float32(0)) * np.float32(alpha) \
+            + np.float32(beta)
+        want = y32.astype(ml_dtypes.bfloat16).view(np.uint16)
+    nan = np.isnan(y32)
+    np.testing.assert_array_equal(y[~nan], want[~nan])
+    nan_rule(y[nan], y32[nan])
+    if alpha == 1.0:
+        np.testing.assert_array_equal(y[~nan], x3.reshape(-1).view(np.uint16)[~nan])

@@ -27,7 +27,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from _bounds import check_backward, check_forward, check_special, make_case, special_case
+from _bounds import (BF16_PATTERN_CASES, bf16_every_pattern, check_backward, check_bf16_every_pattern,
+                     check_forward, check_special, make_case, special_case)
 from _fake_cupy import FakeArray, FakeDevice, make_fake_cupy, to_fake
 
 HERE = Path(__file__).resolve().parent
@@ -215,29 +216,20 @@ def test_constant_and_infinite_features(cupy_raw, case, dtype):
 
 
 
-@pytest.mark.parametrize("alpha, beta", [(1.0, -0.0), (1.125, 0.375)], ids=["exact", "rounded"])
-def test_bfloat16_loads_and_stores_every_pattern(cupy_raw, alpha, beta):
+@pytest.mark.parametrize("case", sorted(BF16_PATTERN_CASES))
+def test_bfloat16_loads_and_stores_every_pattern(cupy_raw, case):
     """The bfloat16 instantiation converts as cuda_bf16.h does, checked on all 65536 bit
-    patterns through the elementwise kernel of eval mode, y = (x - 0) * alpha + beta in
-    float32 (mean 0; var 1, eps 0: alpha = weight). The float32 arithmetic is IEEE, so
-    NumPy's float32 gives the same float32 result, and ml_dtypes' round to nearest even the
-    expected bfloat16: alpha = 1, beta = -0 returns every value unchanged (-0 too), alpha =
-    9/8 makes 11-bit products that round, with many ties, and overflow near the largest
-    value. NaN stays NaN (the canonical NaN, as on the GPU)."""
-    bf = np.dtype(ml_dtypes.bfloat16)
-    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
-    x3 = bits.view(bf).reshape(256, 256, 1)
+    patterns through the elementwise kernel of eval mode (see check_bf16_every_pattern).
+    NaN becomes the canonical NaN 0x7FFF, as on the GPU."""
+    alpha, beta = BF16_PATTERN_CASES[case]
+    x3 = bf16_every_pattern((256, 256, 1))
     c = x3.shape[1]
     mean, var = np.zeros(c, np.float32), np.ones(c, np.float32)
     w, b = np.full(c, alpha, np.float32), np.full(c, beta, np.float32)
-    y = np.asarray(cupy_raw.forward_eval(to_fake(x3), to_fake(mean), to_fake(var), to_fake(w),
-                                         to_fake(b), 0.0)).reshape(-1).view(np.uint16)
-    with np.errstate(over="ignore", invalid="ignore"):
-        y32 = (x3.reshape(-1).astype(np.float32) - np.float32(0)) * np.float32(alpha) \
-            + np.float32(beta)
-        want = y32.astype(bf).view(np.uint16)
-    nan = np.isnan(y32)
-    np.testing.assert_array_equal(y[~nan], want[~nan])
-    np.testing.assert_array_equal(y[nan], 0x7FFF)
-    if alpha == 1.0:
-        np.testing.assert_array_equal(y[~nan], bits[~nan])
+    y = cupy_raw.forward_eval(to_fake(x3), to_fake(mean), to_fake(var), to_fake(w),
+                              to_fake(b), 0.0)
+
+    def canonical(y_nan, _y32_nan):
+        np.testing.assert_array_equal(y_nan, 0x7FFF)
+
+    check_bf16_every_pattern(x3, y, alpha, beta, canonical)

@@ -27,8 +27,9 @@ from hypothesis import strategies as st
 from fastbn.backends import _cuda_shim
 from fastbn.backends import numba_cuda as nc
 
-from _bounds import (K, acc_u, check_backward, check_forward, check_special,  # noqa: E402
-                     make_case, ref_forward, special_case)
+from _bounds import (BF16_PATTERN_CASES, K, bf16_every_pattern, check_bf16_every_pattern,
+                     acc_u, check_backward, check_forward, check_special, make_case,  # noqa: E402
+                     ref_forward, special_case)
 
 pytestmark = pytest.mark.cudasim
 
@@ -168,30 +169,22 @@ def test_property_matches_reference(shape, dtype, offset, eps, seed):
 # the simulator computes with NumPy scalars in its own threads: inf and NaN warn there
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
                             "ignore:invalid value encountered:RuntimeWarning")
-@pytest.mark.parametrize("alpha, beta", [(1.0, -0.0), (1.125, 0.375)], ids=["exact", "rounded"])
-def test_bfloat16_loads_and_stores_every_pattern(alpha, beta):
+@pytest.mark.parametrize("case", sorted(BF16_PATTERN_CASES))
+def test_bfloat16_loads_and_stores_every_pattern(case):
     """The bfloat16 device functions on all 65536 bit patterns, through the eval-mode
-    elementwise kernel: y = (x - 0) * alpha + beta in float32 (var 1, eps 0: alpha is the
-    weight). Loads are exact and stores round to nearest even as ml_dtypes does (alpha = 9/8
-    makes 11-bit products: many ties, overflow near the largest value); alpha = 1, beta = -0
-    returns every value unchanged (-0 too). NaN stays NaN, quiet, with its sign."""
-    bf = np.dtype(ml_dtypes.bfloat16)
-    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
-    x3 = bits.view(bf).reshape(16, 16, 256)  # channels-first: 256-value runs
+    elementwise kernel (see check_bf16_every_pattern); channels-first, 256-value runs.
+    NaN stays NaN, quiet, with its sign."""
+    alpha, beta = BF16_PATTERN_CASES[case]
+    x3 = bf16_every_pattern((16, 16, 256))
     c = x3.shape[1]
     w, b = np.full(c, alpha, np.float32), np.full(c, beta, np.float32)
-    y = nc._forward_eval(x3, np.zeros(c, np.float32), np.ones(c, np.float32), w, b, 0.0,
-                         **SIM).reshape(-1).view(np.uint16)
-    with np.errstate(over="ignore", invalid="ignore"):
-        y32 = (x3.reshape(-1).astype(np.float32) - np.float32(0)) * np.float32(alpha) \
-            + np.float32(beta)
-        want = y32.astype(bf).view(np.uint16)
-    nan = np.isnan(y32)
-    np.testing.assert_array_equal(y[~nan], want[~nan])
-    assert np.all((y[nan] & 0x7FC0) == 0x7FC0)  # quiet NaN (exponent all ones, quiet bit)
-    np.testing.assert_array_equal(y[nan] >> 15, np.signbit(y32[nan]).astype(np.uint16))
-    if alpha == 1.0:
-        np.testing.assert_array_equal(y[~nan], bits[~nan])
+    y = nc._forward_eval(x3, np.zeros(c, np.float32), np.ones(c, np.float32), w, b, 0.0, **SIM)
+
+    def quiet_same_sign(y_nan, y32_nan):
+        assert np.all((y_nan & 0x7FC0) == 0x7FC0)  # exponent all ones, quiet bit
+        np.testing.assert_array_equal(y_nan >> 15, np.signbit(y32_nan).astype(np.uint16))
+
+    check_bf16_every_pattern(x3, y, alpha, beta, quiet_same_sign)
 
 
 # ----------------------------------------------------------------------------------------
