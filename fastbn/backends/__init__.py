@@ -41,6 +41,11 @@ public API handles empty batches itself. ``weight`` and ``bias`` are never ``Non
     Gradient of the training-mode forward: with ``xhat = (x - mean) * invstd`` and
     ``M = A * B``: ``dbias = sum(dy)``, ``dweight = sum(dy * xhat)``,
     ``dx = weight * invstd / M * (M * dy - dbias - xhat * dweight)``.
+``backward_eval(dy3, x3, mean, var, weight, eps) -> (dx3, dweight, dbias)`` (optional)
+    Gradient of ``forward_eval`` (constant statistics): with
+    ``invstd = 1 / sqrt(var + eps)`` (0 where ``var + eps == 0``, as in the forward),
+    ``dbias = sum(dy)``, ``dweight = sum(dy * (x - mean) * invstd)``,
+    ``dx = dy * weight * invstd``. Callers without it compose it from the others.
 ``update_running_stats(running_mean, running_var, mean, var, momentum, M)`` (optional)
     torch's running-statistics update in place, called by the API after ``forward_train``
     succeeded: ``r = (1 - momentum) * r + momentum * stat`` with the unbiased variance

@@ -95,6 +95,7 @@ __all__ = [
     "SERIAL_MAX",
     "available",
     "backward",
+    "backward_eval",
     "dtypes",
     "forward_eval",
     "forward_train",
@@ -113,10 +114,13 @@ xp = np
 #: ml_dtypes.bfloat16 likewise, not listed: see the contract in :mod:`fastbn.backends`).
 dtypes = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
-#: Tensors with at most this many values use the serial kernels.
+#: Tensors with at most this many values use the serial forward kernels.
 SERIAL_MAX = 1 << 16
+#: ... and the serial backward kernels on channels-first data (runs of at least _SHORT
+#: values): two passes over two inputs, so threads pay sooner (2 cores: crossover near
+#: 2**15 values). Channels-last data keep SERIAL_MAX.
+BACKWARD_SERIAL_MAX = 1 << 15
 
-_F16 = np.dtype(np.float16)
 _F32 = np.dtype(np.float32)
 _U16 = np.dtype(np.uint16)  # float16 data as seen by the kernels
 _I16 = np.dtype(np.int16)  # bfloat16 data as seen by the kernels (see _half)
@@ -124,8 +128,14 @@ _I16 = np.dtype(np.int16)  # bfloat16 data as seen by the kernels (see _half)
 # Values per block of the blocked two-pass statistics: 4096 float64-converted values
 # stay in L1/L2 between the two passes over the block.
 _BLOCK = 4096
-# Rows of fewer than _WIDE values are regrouped into wide rows of >= _WIDE values.
+# Rows of fewer than _WIDE values are regrouped into wide rows of >= _WIDE values for the
+# statistics of the training forward, of >= _WIDE_EW values for the elementwise passes and
+# the backward. Measured (float32, time / memcpy, 2 cores): _WIDE_EW = 512 instead of 64
+# took the eval forward of (1024, 64) from 3.3 to 2.2 and of (16384, 16) from 1.75 to 1.24,
+# the backward of (100000, 8) from 2.4 to 1.8; the statistics of (64, 128) and (2000, 64)
+# got slower with it (6.2 to 9.6, 5.3 to 6.3), so they keep 64.
 _WIDE = 64
+_WIDE_EW = 512
 # Row tiles: chunks of _COLS columns, blocks of _TILE values (16 rows of 2048 values),
 # whose two statistics passes and per-column accumulators stay in L1/L2. Measured
 # (float32, time / memcpy): chunks of 2048 instead of 512 columns took the backward of
@@ -747,15 +757,15 @@ def _spread(v, c0, c1, B, out):
 
 
 @njit(**_OPTS)
-def _wide_k(CB):
-    """Rows per wide row: rows of fewer than _WIDE values are regrouped into wide rows
-    of at least _WIDE values and a multiple of 16 (whole vectors, no scalar remainder)."""
-    if CB >= _WIDE:
+def _wide_k(CB, wide):
+    """Rows per wide row: rows of fewer than `wide` values are regrouped into wide rows
+    of at least `wide` values and a multiple of 16 (whole vectors, no scalar remainder)."""
+    if CB >= wide:
         return 1
     k = 16
     while k > 1 and (CB * (k // 2)) % 16 == 0:
         k //= 2
-    while k * CB < _WIDE:
+    while k * CB < wide:
         k *= 2
     return k
 
@@ -885,7 +895,7 @@ def _serial_stats(xf, A, C, B, mean64, m2):
             m2[c] = q
         return
     CB = C * B
-    k = _wide_k(CB)
+    k = _wide_k(CB, _WIDE)
     W = k * CB
     R = A // k
     Rt = A - R * k
@@ -935,7 +945,7 @@ def _ft_serial(x, w, b, eps, y, mean_out, var_out, inv_out):
         _runs_affine(xf, yf, C, B, 0, A, 0, C, alpha, beta)
         return
     CB = C * B
-    k = _wide_k(CB)
+    k = _wide_k(CB, _WIDE_EW)
     W = k * CB
     R = A // k
     if W == C:  # rows of channels: the per-column coefficients are alpha and beta
@@ -1020,7 +1030,7 @@ def _ft_parallel(x, w, b, eps, T, y):
             )
         return y, mean_out, var_out, inv_out
     CB = C * B
-    k = _wide_k(CB)
+    k = _wide_k(CB, _WIDE)
     g = _group(A, C, B, T) if k == 1 else 0
     if g > 0:
         for grp in prange((C + g - 1) // g):
@@ -1067,11 +1077,16 @@ def _ft_parallel(x, w, b, eps, T, y):
         for p in prange(P):
             _runs_affine(xf, yf, C, B, rows[p], rows[p + 1], 0, C, alpha, beta)
         return y, mean_out, var_out, inv_out
+    # the normalization regroups rows for itself (_WIDE_EW)
+    k = _wide_k(CB, _WIDE_EW)
+    W = k * CB
+    R = A // k
+    rows = _split(R, 2 * T)
     aw = _expand(alpha, CB, B, W)
     bw = _expand(beta, CB, B, W)
-    for p in prange(P):
+    for p in prange(rows.shape[0] - 1):
         _rows_affine(xf, yf, 0, W, W, rows[p], rows[p + 1], aw, bw)
-    _rows_affine(xf, yf, R * W, CB, CB, 0, Rt, aw, bw)
+    _rows_affine(xf, yf, R * W, CB, CB, 0, A - R * k, aw, bw)
     return y, mean_out, var_out, inv_out
 
 
@@ -1103,7 +1118,7 @@ def _fe_serial(x, mean, var, w, b, eps):
         _runs_affine(xf, yf, C, B, 0, A, 0, C, alpha, beta)
         return y
     CB = C * B
-    k = _wide_k(CB)
+    k = _wide_k(CB, _WIDE_EW)
     W = k * CB
     R = A // k
     aw = _expand(alpha, CB, B, W)
@@ -1135,7 +1150,7 @@ def _fe_parallel(x, mean, var, w, b, eps, T, y):
             )
         return y
     CB = C * B
-    k = _wide_k(CB)
+    k = _wide_k(CB, _WIDE_EW)
     W = k * CB
     R = A // k
     aw = _expand(alpha, CB, B, W)
@@ -1185,8 +1200,9 @@ def _bw_rows_finish(
 
 
 @njit(**_OPTS)
-def _bw_serial(dy, x, mean, invstd, w, dx, dw_out, db_out):
-    """Serial backward into preallocated outputs."""
+def _bw_serial(dy, x, mean, invstd, w, dx, dw_out, db_out, reduce_only):
+    """Serial backward into preallocated outputs; `reduce_only`: dweight and dbias only
+    (`dx` is not written)."""
     A, C, B = x.shape
     M = np.float64(A * B)
     Mi = A * B
@@ -1201,10 +1217,11 @@ def _bw_serial(dy, x, mean, invstd, w, dx, dw_out, db_out):
             dwc, g, c2, c3 = _bcoef(sdy, sdyx, mu, inv, w[c], M)
             dw_out[c] = dwc
             db_out[c] = sdy
-            _cf_bapply(dyf, xf, dxf, C, B, c, 0, Mi, g, c2, c3)
+            if not reduce_only:
+                _cf_bapply(dyf, xf, dxf, C, B, c, 0, Mi, g, c2, c3)
         return
     CB = C * B
-    k = _wide_k(CB)
+    k = _wide_k(CB, _WIDE_EW)
     W = k * CB
     R = A // k
     Rt = A - R * k
@@ -1221,6 +1238,8 @@ def _bw_serial(dy, x, mean, invstd, w, dx, dw_out, db_out):
     _bw_rows_finish(
         so, to, tso, tto, Rt, C, B, k, mean, invstd, w, M, dw_out, db_out, g, c2, c3
     )
+    if reduce_only:
+        return
     if B >= _SHORT:
         _runs_bapply(dyf, xf, dxf, C, B, 0, A, 0, C, g, c2, c3)
         return
@@ -1232,7 +1251,8 @@ def _bw_serial(dy, x, mean, invstd, w, dx, dw_out, db_out):
 
 
 @njit(parallel=True, **_OPTS)
-def _bw_parallel(dy, x, mean, invstd, w, T, dx):
+def _bw_parallel(dy, x, mean, invstd, w, T, dx, reduce_only):
+    """Parallel backward; `reduce_only`: see :func:`_bw_serial`."""
     A, C, B = x.shape
     M = np.float64(A * B)
     Mi = A * B
@@ -1253,7 +1273,8 @@ def _bw_parallel(dy, x, mean, invstd, w, T, dx):
                 dwc, gc, c2c, c3c = _bcoef(sdy, sdyx, mu, inv, w[c], M)
                 dw_out[c] = dwc
                 db_out[c] = sdy
-                _cf_bapply(dyf, xf, dxf, C, B, c, 0, Mi, gc, c2c, c3c)
+                if not reduce_only:
+                    _cf_bapply(dyf, xf, dxf, C, B, c, 0, Mi, gc, c2c, c3c)
             return dx, dw_out, db_out
         P = _cf_chunks(C, Mi, T)
         ps = np.empty(C * P)
@@ -1284,6 +1305,8 @@ def _bw_parallel(dy, x, mean, invstd, w, T, dx):
             )
             dw_out[ch] = dwc
             db_out[ch] = s
+        if reduce_only:
+            return dx, dw_out, db_out
         for it in prange(C * P):
             c = it // P
             p = it - c * P
@@ -1302,7 +1325,7 @@ def _bw_parallel(dy, x, mean, invstd, w, T, dx):
             )
         return dx, dw_out, db_out
     CB = C * B
-    k = _wide_k(CB)
+    k = _wide_k(CB, _WIDE_EW)
     gsz = _group(A, C, B, T) if k == 1 else 0
     if gsz > 0:
         for grp in prange((C + gsz - 1) // gsz):
@@ -1322,7 +1345,9 @@ def _bw_parallel(dy, x, mean, invstd, w, T, dx):
                 )
                 dw_out[c] = dwc
                 db_out[c] = s
-            if B >= _SHORT:
+            if reduce_only:
+                pass
+            elif B >= _SHORT:
                 _runs_bapply(dyf, xf, dxf, C, B, 0, A, c0, c1, g, c2, c3)
             else:
                 _spread(g, c0, c1, B, so)
@@ -1346,6 +1371,8 @@ def _bw_parallel(dy, x, mean, invstd, w, T, dx):
     _bw_rows_finish(
         so, to, tso, tto, Rt, C, B, k, mean, invstd, w, M, dw_out, db_out, g, c2, c3
     )
+    if reduce_only:
+        return dx, dw_out, db_out
     if B >= _SHORT and k == 1:
         for p in prange(P):
             _runs_bapply(dyf, xf, dxf, C, B, rows[p], rows[p + 1], 0, C, g, c2, c3)
@@ -1407,30 +1434,21 @@ def available():
     return True, ""
 
 
-_half_state = []
+# 16-bit float types by type character: the integer dtype the kernels read their bits as
+# (see :mod:`fastbn.backends._half`) and the check that the conversions work here.
+# bfloat16 is recognized by its character "E" (one test on the float32 path): the API lets
+# no other "E" dtype through (ml_dtypes' uint1 shares it).
+_HALF_TYPES = {"e": (_U16, _half.supported), "E": (_I16, _half.bfloat16_supported)}
+_half_native: dict[str, bool] = {}  # type character -> whether the kernels take it natively
 
 
-def _half_native():
-    """Whether the kernels read and write float16 themselves (as ``uint16`` bits, see
-    :mod:`fastbn.backends._half`); else float16 is converted around float32 kernels."""
-    if not _half_state:
-        _half_state.append(_half.supported()[0])
-    return _half_state[0]
-
-
-_bf16_state = []
-
-
-def _bf16_native():
-    """Whether the kernels read and write bfloat16 themselves (as ``int16`` bits, see
-    :mod:`fastbn.backends._half`); else it is converted around float32 kernels."""
-    if not _bf16_state:
-        _bf16_state.append(_half.bfloat16_supported()[0])
-    return _bf16_state[0]
-
-
-# bfloat16 inputs are recognized by their type character "E" (one test on the float32
-# path): the API lets no other "E" dtype through (ml_dtypes' uint1 shares it).
+def _bits(ch):
+    """For a 16-bit float type character: the dtype the kernels read its bits as, or None
+    where the conversions are unusable (then it is converted around float32 kernels)."""
+    native = _half_native.get(ch)
+    if native is None:
+        native = _half_native[ch] = _HALF_TYPES[ch][1]()[0]
+    return _HALF_TYPES[ch][0] if native else None
 
 
 def _outputs(x3, sd):
@@ -1462,19 +1480,11 @@ def forward_train(x3, weight, bias, eps):
         Per-channel batch mean, biased variance and ``1 / sqrt(var + eps)`` (0 where
         ``var + eps == 0``), in ``stats_dtype(x3.dtype)``.
     """
-    ch = x3.dtype.char
-    if ch == "e":
-        if not _half_native():
-            y, m, v, i = forward_train(x3.astype(_F32), weight, bias, eps)
-            return y.astype(_F16), m, v, i
-        y, m, v, i = forward_train(x3.view(_U16), weight, bias, eps)
-        return y.view(_F16), m, v, i
-    if ch == "E":  # bfloat16
-        if not _bf16_native():
-            y, m, v, i = forward_train(x3.astype(_F32), weight, bias, eps)
-            return y.astype(x3.dtype), m, v, i
-        y, m, v, i = forward_train(x3.view(_I16), weight, bias, eps)
-        return y.view(x3.dtype), m, v, i
+    if x3.dtype.char in _HALF_TYPES:
+        bits = _bits(x3.dtype.char)
+        y, m, v, i = forward_train(x3.astype(_F32) if bits is None else x3.view(bits),
+                                   weight, bias, eps)
+        return (y.astype(x3.dtype) if bits is None else y.view(x3.dtype)), m, v, i
     if x3.size <= SERIAL_MAX or not _threading.begin():
         y, mean, var, invstd = _outputs(x3, weight.dtype)
         _ft_serial(x3, weight, bias, eps, y, mean, var, invstd)
@@ -1539,15 +1549,11 @@ def forward_eval(x3, mean, var, weight, bias, eps):
     numpy.ndarray
         ``(x3 - mean) / sqrt(var + eps) * weight + bias`` in ``x3.dtype``.
     """
-    ch = x3.dtype.char
-    if ch == "e":
-        if not _half_native():
-            return forward_eval(x3.astype(_F32), mean, var, weight, bias, eps).astype(_F16)
-        return forward_eval(x3.view(_U16), mean, var, weight, bias, eps).view(_F16)
-    if ch == "E":  # bfloat16
-        if not _bf16_native():
+    if x3.dtype.char in _HALF_TYPES:
+        bits = _bits(x3.dtype.char)
+        if bits is None:
             return forward_eval(x3.astype(_F32), mean, var, weight, bias, eps).astype(x3.dtype)
-        return forward_eval(x3.view(_I16), mean, var, weight, bias, eps).view(x3.dtype)
+        return forward_eval(x3.view(bits), mean, var, weight, bias, eps).view(x3.dtype)
     if x3.size <= SERIAL_MAX or not _threading.begin():
         return _fe_serial(x3, mean, var, weight, bias, eps)
     try:
@@ -1579,27 +1585,71 @@ def backward(dy3, x3, mean, invstd, weight):
     dweight, dbias : numpy.ndarray
         ``sum(dy * xhat)`` and ``sum(dy)`` per channel, in ``stats_dtype(x3.dtype)``.
     """
-    ch = x3.dtype.char
-    if ch == "e":
-        if not _half_native():
-            dx, dw, db = backward(dy3.astype(_F32), x3.astype(_F32), mean, invstd, weight)
-            return dx.astype(_F16), dw, db
-        dx, dw, db = backward(dy3.view(_U16), x3.view(_U16), mean, invstd, weight)
-        return dx.view(_F16), dw, db
-    if ch == "E":  # bfloat16
-        if not _bf16_native():
-            dx, dw, db = backward(dy3.astype(_F32), x3.astype(_F32), mean, invstd, weight)
-            return dx.astype(x3.dtype), dw, db
-        dx, dw, db = backward(dy3.view(_I16), x3.view(_I16), mean, invstd, weight)
-        return dx.view(x3.dtype), dw, db
-    if x3.size <= SERIAL_MAX or not _threading.begin():
-        dx, dw, db, _ = _outputs(x3, weight.dtype)
-        _bw_serial(dy3, x3, mean, invstd, weight, dx, dw, db)
-        return dx, dw, db
+    return _backward(dy3, x3, mean, invstd, weight, False)
+
+
+def backward_eval(dy3, x3, mean, var, weight, eps):
+    """Gradient of :func:`forward_eval` (the statistics are constants; optional contract
+    function).
+
+    Parameters
+    ----------
+    dy3, x3, weight
+        As for :func:`backward`.
+    mean, var : numpy.ndarray
+        The statistics the forward normalized with (the running ones).
+    eps : float
+        As given to the forward.
+
+    Returns
+    -------
+    dx3 : numpy.ndarray
+        ``dy * weight * invstd`` in ``x3.dtype``, with ``invstd = 1 / sqrt(var + eps)``
+        (0 where ``var + eps == 0``, as in the forward): the forward's elementwise pass
+        applied to `dy3` (it reads `dy3` only, so an infinite `x3` leaves it finite).
+    dweight, dbias : numpy.ndarray
+        ``sum(dy * (x - mean) * invstd)`` and ``sum(dy)`` per channel, in
+        ``stats_dtype(x3.dtype)``: the backward's reduction pass, without its dx pass.
+    """
+    _, dw, db = _backward(dy3, x3, mean, _invstd_array(var, eps, weight), weight, True)
+    zero = np.zeros_like(weight)
+    return forward_eval(dy3, zero, var, weight, zero, eps), dw, db
+
+
+@njit(**_OPTS)
+def _invstd_array(var, eps, like):
+    """``1 / sqrt(var + eps)`` (0 where ``var + eps == 0``) in the dtype of `like`."""
+    out = np.empty(var.shape[0], like.dtype)
+    for c in range(var.shape[0]):
+        out[c] = _invstd(np.float64(var[c]), eps)
+    return out
+
+
+def _backward(dy3, x3, mean, invstd, weight, reduce_only):
+    """:func:`backward`; with `reduce_only`, dx3 is None and only the reductions run."""
+    if x3.dtype.char in _HALF_TYPES:
+        bits = _bits(x3.dtype.char)
+        if bits is None:
+            dx, dw, db = _backward(dy3.astype(_F32), x3.astype(_F32), mean, invstd, weight,
+                                   reduce_only)
+            return (None if reduce_only else dx.astype(x3.dtype)), dw, db
+        dx, dw, db = _backward(dy3.view(bits), x3.view(bits), mean, invstd, weight, reduce_only)
+        return (None if reduce_only else dx.view(x3.dtype)), dw, db
+    limit = BACKWARD_SERIAL_MAX if x3.shape[2] >= _SHORT else SERIAL_MAX
+    if x3.size <= limit or not _threading.begin():
+        c = x3.shape[1]
+        if reduce_only:
+            dx = np.empty((0, 0, 0), x3.dtype)
+        else:  # (a large x3 runs serially in a forked child, see _outputs)
+            dx = _outputs(x3, weight.dtype)[0]
+        dw, db = np.empty(c, weight.dtype), np.empty(c, weight.dtype)
+        _bw_serial(dy3, x3, mean, invstd, weight, dx, dw, db, reduce_only)
+        return (None if reduce_only else dx), dw, db
     try:
-        return _bw_parallel(
-            dy3, x3, mean, invstd, weight, _nthreads(), _buffers.empty(x3.shape, x3.dtype)
-        )
+        dx = (np.empty((0, 0, 0), x3.dtype) if reduce_only
+              else _buffers.empty(x3.shape, x3.dtype))
+        dx, dw, db = _bw_parallel(dy3, x3, mean, invstd, weight, _nthreads(), dx, reduce_only)
+        return (None if reduce_only else dx), dw, db
     finally:
         _threading.end()
 

@@ -80,3 +80,14 @@ def backward(dy3, x3, mean, invstd, weight):
     scale = weight.astype(np.float64)[None, :, None] * inv / m
     dx = scale * (m * dy - dbias[None, :, None] - xhat * dweight[None, :, None])
     return dx.astype(x3.dtype), dweight.astype(sd), dbias.astype(sd)
+
+
+@np.errstate(invalid="ignore", divide="ignore", over="ignore")  # NaN, inf: as the kernels
+def backward_eval(dy3, x3, mean, var, weight, eps):
+    """Gradient of the evaluation-mode forward, statistics constant (see the contract)."""
+    sd = stats_dtype(x3.dtype)
+    inv = invstd_of(var.astype(np.float64), eps)[None, :, None]
+    xhat = (x3.astype(np.float64) - mean.astype(np.float64)[None, :, None]) * inv
+    dy = dy3.astype(np.float64)
+    dx = dy * (weight.astype(np.float64)[None, :, None] * inv)
+    return dx.astype(x3.dtype), (dy * xhat).sum(axis=(0, 2)).astype(sd), dy.sum(axis=(0, 2)).astype(sd)

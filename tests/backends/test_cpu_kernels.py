@@ -183,6 +183,27 @@ def check_backward(dy, x, mean, inv, w, out):
     assert np.all(err <= tol + 1e-300), f"max err/tol {np.max(err / (tol + 1e-300))}"
 
 
+def check_backward_eval(dy, x, mean, var, w, eps, out):
+    """backward_eval: dx is the eval forward's elementwise pass applied to dy (mean 0, bias
+    0), checked as such; dweight = invstd * sum(dy * (x - mean)) with invstd rounded once to
+    the statistics dtype, dbias = sum(dy)."""
+    dx, dw, db = out
+    sdt = cpu.stats_dtype(x.dtype)
+    assert dw.dtype == sdt and db.dtype == sdt
+    zero = np.zeros_like(w)
+    check_forward_eval(dy, zero, var, w, zero, eps, dx)
+    us = STATS_UNIT[x.dtype.type]
+    G = growth(x.shape[0] * x.shape[2])
+    g64 = dy.astype(np.float64)
+    xc = x.astype(np.float64) - _bc(mean.astype(np.float64))
+    iv = ref_invstd(var, eps)
+    sdy = g64.sum(axis=(0, 2))
+    dwr = iv * (g64 * xc).sum(axis=(0, 2))
+    e_dw = iv * G * np.abs(g64 * xc).sum(axis=(0, 2)) + (2 * us + 4 * U64) * np.abs(dwr)
+    np.testing.assert_array_less(np.abs(db - sdy), us * np.abs(sdy) + G * np.abs(g64).sum(axis=(0, 2)) + 1e-300)
+    np.testing.assert_array_less(np.abs(dw - dwr), e_dw + 1e-300)
+
+
 def make(shape, dtype, seed=0, offset=0.0, scale=1.0):
     rng = np.random.default_rng(seed)
     C = shape[1]
@@ -205,6 +226,9 @@ def run_all(shape, dtype, seed=0, offset=0.0, scale=1.0, eps=1e-5):
         x, mean, var, w, b, eps, cpu.forward_eval(x, mean, var, w, b, eps)
     )
     check_backward(dy, x, mean, inv, w, cpu.backward(dy, x, mean, inv, w))
+    # eval-mode backward, with statistics other than the batch's
+    rm, rv = mean + np.asarray(0.25, mean.dtype), var * np.asarray(1.5, var.dtype)
+    check_backward_eval(dy, x, rm, rv, w, eps, cpu.backward_eval(dy, x, rm, rv, w, eps))
     # inputs are never modified
     np.testing.assert_array_equal(x, x0)
     np.testing.assert_array_equal(dy, dy0)
@@ -233,7 +257,7 @@ def test_contract_attributes():
 
 
 # Shapes chosen around the kernels' thresholds and paths (2 threads): serial/parallel
-# size (SERIAL_MAX = 65536 values); channels-first runs of >= 512 values (per-run
+# size (SERIAL_MAX = 65536 values, BACKWARD_SERIAL_MAX = 32768 for the backward); channels-first runs of >= 512 values (per-run
 # kernels; a statistics block of 4096 values splits longer runs) or shorter (row
 # tiles); rows of C*B < 256 values regrouped k at a time (with A % k tail rows, or
 # A < k: tail only); fused channel groups; row ranges with partials merged.
@@ -522,15 +546,21 @@ def test_parallel_split_and_merge(shape, threads, dtype):
     check_forward_train(x, w, b, 1e-5, (_data_view(y, dtype), mean, var, inv))
     y = cpu._fe_parallel(xk, mean, var, w, b, 1e-5, threads, np.empty_like(xk))
     check_forward_eval(x, mean, var, w, b, 1e-5, _data_view(y, dtype))
-    dx, dw, db = cpu._bw_parallel(dyk, xk, mean, inv, w, threads, np.empty_like(xk))
+    dx, dw, db = cpu._bw_parallel(dyk, xk, mean, inv, w, threads, np.empty_like(xk), False)
     check_backward(dy, x, mean, inv, w, (_data_view(dx, dtype), dw, db))
+    # the reductions alone (backward_eval's pass): the same sums, dx left alone
+    _, dw2, db2 = cpu._bw_parallel(dyk, xk, mean, inv, w, threads, np.empty((0, 0, 0), xk.dtype), True)
+    np.testing.assert_array_equal(dw2, dw)
+    np.testing.assert_array_equal(db2, db)
 
 
+@pytest.mark.parametrize("dtype, bits", [(np.float16, np.uint16), (BF16, np.int16)],
+                         ids=["float16", "bfloat16"])
 @pytest.mark.parametrize("shape", [(3, 5, 7), (100, 4, 1), (64, 4, 257), (1100, 60, 1)], ids=str)
-def test_bfloat16_without_native_conversions(shape, monkeypatch):
-    """Where the bfloat16 conversions are unusable, bfloat16 runs through the float32
-    kernels with astype around them: float64 arithmetic rounded to float32, then to
-    bfloat16; two roundings, still within u = 2**-8 + 2**-24 (each RNE step is at most
+def test_half_without_native_conversions(shape, dtype, bits, monkeypatch):
+    """Where the 16-bit conversions are unusable, float16 and bfloat16 run through the
+    float32 kernels with astype around them: float64 arithmetic rounded to float32, then
+    to the 16-bit type; two roundings, still within UNIT (each RNE step is at most
     u_t |z| / (1 + u_t))."""
     seen = []
 
@@ -542,13 +572,16 @@ def test_bfloat16_without_native_conversions(shape, monkeypatch):
 
     for name in ("_ft_serial", "_ft_parallel", "_fe_serial", "_fe_parallel", "_bw_serial", "_bw_parallel"):
         monkeypatch.setattr(cpu, name, spy(getattr(cpu, name)))
-    monkeypatch.setattr(cpu, "_bf16_state", [False])
-    run_all(shape, BF16, seed=5)
-    assert seen == [np.dtype(np.float32)] * 3  # the float32 kernels ran: train, eval, backward
-    monkeypatch.setattr(cpu, "_bf16_state", [True])
+    ch = np.dtype(dtype).char
+    monkeypatch.setitem(cpu._half_native, ch, False)
+    run_all(shape, dtype, seed=5)
+    # the float32 kernels ran: train, eval, backward, eval backward (reductions, dx)
+    assert seen == [np.dtype(np.float32)] * 5
+    monkeypatch.delitem(cpu._half_native, ch, raising=False)
     seen.clear()
-    run_all(shape, BF16, seed=5)
-    assert seen == [np.dtype(np.int16)] * 3
+    run_all(shape, dtype, seed=5)  # as the machine allows
+    native = cpu._half_native[ch]
+    assert seen == [np.dtype(bits if native else np.float32)] * 5
 
 
 def test_respects_numba_num_threads():
@@ -627,3 +660,17 @@ def cases(draw):
 def test_property_against_float64_numpy(case):
     shape, dtype, seed, offset, scale, eps = case
     run_all(shape, dtype, seed=seed, offset=offset, scale=scale, eps=eps)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7), (2, 2, 600), (100, 4, 1), (16, 64, 64)], ids=str)
+def test_backward_eval_ignores_infinite_x(shape):
+    """dx = dy * weight * invstd does not depend on x: an infinite x leaves it finite (a dx
+    pass of the form g * dy + c2 * x + c3 with c2 = 0 would give 0 * inf = NaN); dweight of
+    that channel is infinite."""
+    x, w, _, dy = make(shape, np.float32, seed=2)
+    x[0, 1, 0] = np.inf
+    mean, var = np.zeros(shape[1], np.float32), np.ones(shape[1], np.float32)
+    dx, dw, db = cpu.backward_eval(dy, x, mean, var, w, 1e-5)
+    assert np.all(np.isfinite(dx))
+    np.testing.assert_array_equal(dx, cpu.forward_eval(dy, mean, var, w, mean, 1e-5))
+    assert np.isinf(dw[1]) and np.all(np.isfinite(np.delete(dw, 1))) and np.all(np.isfinite(db))
