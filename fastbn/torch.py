@@ -38,6 +38,7 @@ import functools
 import math
 import numbers
 import warnings
+import weakref as _weakref
 from typing import Optional
 
 import numpy as np
@@ -79,14 +80,14 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _REDUCED else dtype
 
 
-def _check_tensor_arg(name: str, t, input: Tensor, c: int) -> None:
+def _check_tensor_arg(name: str, t, device: torch.device, c: int) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
-    if t.layout != torch.strided:
+    if t.layout is not torch.strided:
         raise TypeError(f"{name} has layout {t.layout}; fastbn takes dense (strided) tensors")
-    if t.device != input.device:
+    if t.device != device:
         raise BatchNormError(
-            f"{name} is on device {t.device} but input is on {input.device}: "
+            f"{name} is on device {t.device} but input is on {device}: "
             "all tensors must be on the same device"
         )
     if t.dim() != 1 or t.shape[0] != c:
@@ -142,16 +143,18 @@ def _check(input, running_mean, running_var, weight, bias, training, momentum, e
             f"torch.float64, got {input.dtype}"
         )
     c = shape[1]
+    device = input.device
     dtypes = set()
     for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
                     ("running_var", running_var)):
         if t is not None:
-            _check_tensor_arg(name, t, input, c)
+            _check_tensor_arg(name, t, device, c)
             dtypes.add(t.dtype)
     # torch's CPU rule: parameters and statistics share one dtype, the input's, or float32
     # for float16/bfloat16 input
-    allowed = (input.dtype, torch.float32) if input.dtype in _REDUCED else (input.dtype,)
-    if len(dtypes) > 1 or not dtypes <= set(allowed):
+    if len(dtypes) > 1 or not (not dtypes or input.dtype in dtypes
+                               or (input.dtype in _REDUCED and torch.float32 in dtypes)):
+        allowed = (input.dtype, torch.float32) if input.dtype in _REDUCED else (input.dtype,)
         names = " or ".join(str(d) for d in allowed)
         raise BatchNormTypeError(
             f"weight, bias, running_mean and running_var must all have one dtype, {names}, "
@@ -224,15 +227,46 @@ def _np_bfloat16():
 
 def _np_view(t: Tensor) -> np.ndarray:
     """A NumPy view of the CPU tensor `t` (same memory, strides and offset)."""
-    t = t.detach()
-    if t.dtype == torch.bfloat16:
+    if t.requires_grad:
+        t = t.detach()
+    if t.dtype is torch.bfloat16:
         return t.view(torch.int16).numpy().view(_np_bfloat16())
     return t.numpy()
 
 
+# NumPy views of the 1-d CPU tensors (parameters, running statistics) passed to the
+# kernels, by id(tensor): a module passes the same tensors at every call, and making a view
+# costs more than checking that a cached one still describes the tensor (the same live
+# object, data pointer, shape and dtype, contiguous: then the view is the same memory).
+_views: dict = {}
+_VIEWS_MAX = 4096
+
+
+def _forget(key, ref):
+    entry = _views.get(key)
+    if entry is not None and entry[0] is ref:
+        del _views[key]
+
+
+def _cpu_view(t: Tensor) -> np.ndarray:
+    """:func:`_np_view` of a 1-d CPU tensor, cached for contiguous ones."""
+    key = id(t)
+    e = _views.get(key)
+    if (e is not None and e[0]() is t and e[1] == t.data_ptr() and e[2] == t.shape
+            and e[3] is t.dtype and t.is_contiguous()):
+        return e[4]
+    a = _np_view(t)
+    if t.is_contiguous():
+        if len(_views) >= _VIEWS_MAX:
+            _views.clear()
+        _views[key] = (_weakref.ref(t, functools.partial(_forget, key)), t.data_ptr(), t.shape,
+                       t.dtype, a)
+    return a
+
+
 def _np_tensor(a: np.ndarray) -> Tensor:
     """A tensor owning (a reference to) the NumPy array `a`: fresh, not a view."""
-    if a.dtype.kind == "V" and a.dtype.itemsize == 2:  # ml_dtypes.bfloat16
+    if a.dtype.char == "E":  # ml_dtypes.bfloat16 (no other dtype reaches here with it)
         t = torch.from_numpy(a.view(np.int16))
         return torch.empty((0,), dtype=torch.bfloat16).set_(
             t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
@@ -306,13 +340,17 @@ class _CUDA:
         return torch.from_dlpack(a)
 
 
-def _bridge(device: torch.device):
-    return _CPU_BRIDGE if device.type == "cpu" else _CUDA(device)
+def _bridge(t: Tensor):
+    """The bridge for tensors on the device of `t`."""
+    return _CPU_BRIDGE if t.is_cpu else _CUDA(t.device)
 
 
 def _canonical(br, x: Tensor):
     """``(x3, perm, shape)``: the ``(A, C, B)`` array view of `x` (see fastbn.backends),
     the memory order of `x` (None: contiguous) and the shape of ``x.permute(perm)``."""
+    if x.is_contiguous():  # the common case, without the general path's arithmetic
+        shape = x.shape
+        return br.view(x).reshape(shape[0], shape[1], -1), None, shape
     perm = _memory_perm(x)
     if perm is not None and not x.permute(perm).is_contiguous():
         x, perm = x.contiguous(), None  # not a permutation of a dense block: copy once
@@ -334,6 +372,8 @@ def _restore(y3, perm, shape):
 
 def _same_layout(br, t: Tensor, perm, shape3):
     """`t` (shaped like the input) as a contiguous array in the input's canonical order."""
+    if perm is None and t.is_contiguous():
+        return br.view(t).reshape(shape3)
     a = br.view(t)
     if perm is not None:
         a = a.transpose(perm)
@@ -341,15 +381,21 @@ def _same_layout(br, t: Tensor, perm, shape3):
     return xp.ascontiguousarray(a).reshape(shape3)
 
 
+def _vector(br, t: Tensor):
+    """The array view of the 1-d tensor `t` (same memory: written in place where `t` is a
+    running statistic)."""
+    return _cpu_view(t) if br is _CPU_BRIDGE else br.view(t)
+
+
 def _param_array(br, t: Optional[Tensor], sd: torch.dtype):  # noqa: UP045
     """`t` as a contiguous 1-d array of the statistics dtype (no copy when it is one)."""
     if t is None:
         return None
-    if t.dtype != sd:
+    if t.dtype is not sd:
         t = t.detach().to(sd)
     if not t.is_contiguous():
         t = t.contiguous()
-    return br.view(t)
+    return _vector(br, t)
 
 
 def _backend(br):
@@ -363,11 +409,11 @@ def _train(input, weight, bias, running_mean, running_var, momentum, eps):
     """Training forward: ``(y, mean, invstd)``; the running statistics (if any) are
     updated in place, last."""
     sdt = _stats_dtype(input.dtype)
-    with _bridge(input.device) as br:
+    with _bridge(input) as br:
         be = _backend(br)
         x3, perm, shape = _canonical(br, input)
-        rm = None if running_mean is None else br.view(running_mean)
-        rv = None if running_var is None else br.view(running_var)
+        rm = None if running_mean is None else _vector(br, running_mean)
+        rv = None if running_var is None else _vector(br, running_var)
         y, mean, invstd = _api._forward_train3(
             x3, perm, shape, be, _api._stats_dtype(be, x3.dtype), _param_array(br, weight, sdt),
             _param_array(br, bias, sdt), eps, rm, rv, momentum)
@@ -380,7 +426,7 @@ def _train(input, weight, bias, running_mean, running_var, momentum, eps):
 def _eval(input, running_mean, running_var, weight, bias, eps):
     """Evaluation forward with the given statistics."""
     sdt = _stats_dtype(input.dtype)
-    with _bridge(input.device) as br:
+    with _bridge(input) as br:
         be = _backend(br)
         x3, perm, shape = _canonical(br, input)
         y3 = _api._forward_eval3(
@@ -396,7 +442,7 @@ def _backward(grad_output, input, mean, invstd, weight, need_input=True):
     sdt = _stats_dtype(input.dtype)
     if grad_output.dtype != input.dtype:
         grad_output = grad_output.to(input.dtype)
-    with _bridge(input.device) as br:
+    with _bridge(input) as br:
         be = _backend(br)
         x3, perm, shape = _canonical(br, input)
         c = x3.shape[1]
@@ -412,12 +458,24 @@ def _eval_backward(grad_output, input, running_mean, running_var, weight, eps, n
     """Gradients of the evaluation forward (constant statistics)."""
     need_x, need_w, need_b = needs
     sdt = _stats_dtype(input.dtype)
+    if grad_output.dtype != input.dtype:
+        grad_output = grad_output.to(input.dtype)
+    with _bridge(input) as br:
+        be = _backend(br)
+        if hasattr(be, "backward_eval"):
+            x3, perm, shape = _canonical(br, input)
+            sd = _api._stats_dtype(be, x3.dtype)
+            dx3, dw, db = be.backward_eval(
+                _same_layout(br, grad_output, perm, x3.shape), x3,
+                _param_array(br, running_mean, sdt), _param_array(br, running_var, sdt),
+                _api._param(_param_array(br, weight, sdt), 1.0, x3.shape[1], be, sd), eps)
+            return (br.tensor(_restore(dx3, perm, shape)) if need_x else None,
+                    br.tensor(dw), br.tensor(db))
     dx = dw = db = None
     if need_x:
         # y = (x - rm) * w / sqrt(rv + eps) + b, so dx = dy * w / sqrt(rv + eps): the eval
         # forward applied to dy with mean 0 and no bias
-        dx = _eval(grad_output.to(input.dtype), torch.zeros_like(running_mean), running_var,
-                   weight, None, eps)
+        dx = _eval(grad_output, torch.zeros_like(running_mean), running_var, weight, None, eps)
     if need_w or need_b:
         # dw = sum(dy * xhat), db = sum(dy): the reductions of the training backward at
         # mean = rm, invstd = 1 / sqrt(rv + eps)

@@ -752,3 +752,121 @@ def test_mkldnn_input_gets_a_clear_error():
     bn = ft.BatchNorm2d(3).eval()
     with pytest.raises(TypeError, match="input has layout torch._mkldnn.*to_dense"):
         bn(torch.randn(2, 3, 4, 4).to_mkldnn())
+
+
+# ---------------------------------------------------------------------------------------
+# The cache of NumPy views of parameters and running statistics
+# ---------------------------------------------------------------------------------------
+def _eval_pair(c=6):
+    tm = torch.nn.BatchNorm2d(c).eval()
+    with torch.no_grad():
+        tm.weight.uniform_(0.5, 1.5)
+        tm.bias.normal_()
+        tm.running_mean.normal_()
+        tm.running_var.uniform_(0.5, 2.0)
+    fm = ft.BatchNorm2d(c).eval()
+    fm.load_state_dict(tm.state_dict())
+    return tm, fm
+
+
+@pytest.mark.parametrize("change", ["in_place", "data_swap", "same_pointer_new_shape",
+                                    "state_dict"])
+def test_parameter_changes_are_seen(change):
+    """Views of a module's tensors are cached between calls; every way of changing a
+    parameter or statistic afterwards is seen by the next call, exactly as by torch."""
+    tm, fm = _eval_pair()
+    x = torch.randn(4, 6, 3, 3)
+    with torch.no_grad():
+        fm(x), fm(x)  # the views are cached now
+        for m in (tm, fm):
+            if change == "in_place":
+                m.weight.mul_(2.0)
+                m.running_var.add_(1.0)
+            elif change == "data_swap":
+                m.weight.data = torch.linspace(0.1, 2.0, 6)
+                m.running_mean.data = torch.linspace(-1.0, 1.0, 6)
+            elif change == "same_pointer_new_shape":
+                # a view of the first 6 values of a longer tensor: same data pointer
+                long = torch.arange(12, dtype=torch.float32) / 4 + 0.5
+                m.weight.data = long[:6]
+            else:
+                sd = {k: v.clone() for k, v in tm.state_dict().items()}
+                sd["bias"] = torch.linspace(3.0, 4.0, 6)
+                m.load_state_dict(sd)
+        want = tm(x)
+        got = fm(x)
+    assert_close(got, want, rel_tol(torch.float32, 36), what=change)
+
+
+def test_running_stats_restrided_in_place_are_updated_where_they_are():
+    """Training writes the running statistics in place through the cached view; after
+    ``as_strided_`` (same data pointer and shape, other memory) the update lands in the
+    tensor's new elements, as torch's does."""
+    x = torch.randn(8, 6, 3, 3)
+    bufs = {}
+    for name, cls in (("torch", torch.nn.BatchNorm2d), ("fastbn", ft.BatchNorm2d)):
+        m = cls(6)
+        base = torch.zeros(12)
+        m.running_mean = base[:6]  # contiguous view of the first 6 values
+        m(x)  # cached (fastbn)
+        m.running_mean.as_strided_((6,), (2,))  # now every other value of `base`
+        m(x)
+        bufs[name] = base
+    assert_close(bufs["fastbn"], bufs["torch"], rel_tol(torch.float32, 72))
+    assert bufs["torch"][10] != 0  # the second update reached base[6:12:2]
+
+
+def test_view_cache_drops_dead_tensors():
+    """A cached view does not outlive its tensor: the entry goes when the tensor dies (the
+    view holds the memory, so a stale entry would hold it too)."""
+    import gc
+
+    x = torch.randn(4, 6, 3, 3)
+    _, fm = _eval_pair()
+    with torch.no_grad():
+        fm(x)
+    ids = {id(t) for t in (fm.weight, fm.bias, fm.running_mean, fm.running_var)}
+    assert ids <= set(ft._views)
+    del fm
+    gc.collect()
+    assert not ids & set(ft._views)
+
+
+def test_view_cache_is_not_fooled_by_a_reused_id():
+    """A new tensor at the address (id) of a dead one is not given the dead one's view."""
+    x = torch.randn(4, 3, 2)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    for k in range(20):
+        w = torch.full((3,), float(k + 1))  # ids of dead tensors are often reused
+        y = ft.batch_norm(x, rm, rv, w, None, False, 0.1, 0.0)
+        assert torch.equal(y, x * (k + 1)), k
+        del w
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_eval_backward_without_backward_eval(layout, monkeypatch):
+    """Backends without the optional backward_eval (the GPU ones) get the eval-mode
+    gradients composed from forward_eval and backward; both routes agree with torch."""
+    import types
+
+    tm, fm = _eval_pair()
+    x = torch.randn(5, 6, 4, 3, dtype=torch.float32)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    g = torch.randn_like(x)
+    grads = {}
+    for route in ("backward_eval", "composed"):
+        if route == "composed":
+            cpu = ft._backend(ft._CPU_BRIDGE)
+            bare = types.SimpleNamespace(**{k: getattr(cpu, k) for k in dir(cpu)
+                                            if not k.startswith("__") and k != "backward_eval"})
+            monkeypatch.setattr(ft, "_backend", lambda br: bare)
+        xr = x.detach().clone().requires_grad_(True)
+        out = torch.autograd.grad(fm(xr), [xr, fm.weight, fm.bias], g)
+        grads[route] = out
+    xr = x.detach().clone().requires_grad_(True)
+    want = torch.autograd.grad(tm(xr), [xr, tm.weight, tm.bias], g)
+    m = x.numel() // 6
+    for route, got in grads.items():
+        for a, b, name in zip(got, want, ("dx", "dweight", "dbias")):
+            assert_close(a, b, rel_tol(torch.float32, m), what=f"{route} {name}")
