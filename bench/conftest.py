@@ -19,6 +19,14 @@ import platform
 
 import pytest
 
+from fastbn.backends import _jitcache  # imports neither Numba nor the kernels
+
+# As in tests/conftest.py: a Numba cache folder per digest of the CPU backend's sources.
+if "NUMBA_CACHE_DIR" not in os.environ:
+    os.environ["NUMBA_CACHE_DIR"] = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".numba-cache",
+        _jitcache.source_digest())
+
 import machine
 from cases import OPS, dtypes_for, shapes_for
 from impls import BenchData, all_impls
@@ -161,14 +169,14 @@ def pytest_benchmark_update_machine_info(config, machine_info):
             extra["numba_threading_layer"] = numba.threading_layer()
         except ValueError:  # no parallel kernel ran in this process
             extra["numba_threading_layer"] = None
-    except Exception:  # noqa: BLE001
+    except Exception:
         pass
     try:
         import sys
 
         if "torch" in sys.modules:
             extra["torch_num_threads"] = sys.modules["torch"].get_num_threads()
-    except Exception:  # noqa: BLE001
+    except Exception:
         pass
     machine_info["fastbn_bench"] = extra
 

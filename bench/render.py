@@ -337,7 +337,7 @@ CACHE_DOC = """\
 
 fastbn's CPU kernels are compiled by Numba on first use and cached on disk
 (`cache=True`). The cache lives in `$NUMBA_CACHE_DIR` if that is set, otherwise in
-`__pycache__` next to `fastbn/backends/cpu.py` (or, where that folder is not writable,
+`__pycache__` of `fastbn/backends/cpu/` (or, where that folder is not writable,
 in a per-user cache directory). `python -m fastbn warmup` compiles every kernel for every
 dtype and layout and prints where the cache is; run it once after installing (e.g. in a
 Docker build step) so the first call of a process does not compile.

@@ -64,13 +64,26 @@ def _mem_available() -> int | None:
     return None
 
 
-def _cpu_dispatchers():
-    """The Numba dispatchers of the CPU backend module."""
-    from numba.core.registry import CPUDispatcher
+def _cpu_modules():
+    """The modules of the CPU backend package (every one of them defines kernels)."""
+    import importlib
+    import pkgutil
 
     from .backends import cpu
 
-    return {name: obj for name, obj in vars(cpu).items() if isinstance(obj, CPUDispatcher)}
+    return [importlib.import_module(f"{cpu.__name__}.{info.name}")
+            for info in pkgutil.iter_modules(cpu.__path__)]
+
+
+def _cpu_dispatchers():
+    """The cached Numba dispatchers of the CPU backend package, by qualified name (the
+    few compiled afresh in every process on purpose, ``cache=False``, are left out)."""
+    from numba.core.registry import CPUDispatcher
+
+    return {f"{mod.__name__}.{name}": obj for mod in _cpu_modules()
+            for name, obj in vars(mod).items()
+            if isinstance(obj, CPUDispatcher) and obj.py_func.__module__ == mod.__name__
+            and hasattr(getattr(obj, "_cache", None), "_cache_file")}
 
 
 def _cache_dir() -> str:
@@ -81,7 +94,8 @@ def _cache_dir() -> str:
         if path:
             return path
     env = os.environ.get("NUMBA_CACHE_DIR")
-    return env or os.path.join(os.path.dirname(os.path.abspath(__file__)), "backends", "__pycache__")
+    return env or os.path.join(os.path.dirname(os.path.abspath(__file__)), "backends", "cpu",
+                               "__pycache__")
 
 
 # --------------------------------------------------------------------------------- info
@@ -167,7 +181,7 @@ def _warmup_dtypes(cpu) -> list:
     dependency; a bfloat16 array needs it imported, :func:`fastbn.backends.bfloat16_dtype`)."""
     import ml_dtypes
 
-    from fastbn.backends import _half
+    from fastbn.backends.cpu import _half
 
     extra = [np.dtype(ml_dtypes.bfloat16)] if _half.bfloat16_supported()[0] else []
     return [*cpu.dtypes, *extra]
@@ -210,7 +224,9 @@ def cmd_warmup(args) -> int:
     where = "NUMBA_CACHE_DIR" if os.environ.get("NUMBA_CACHE_DIR") else "default location"
     n_files = 0
     if os.path.isdir(cache_dir):
-        n_files = sum(1 for f in os.listdir(cache_dir) if f.startswith("cpu.") and f.endswith((".nbi", ".nbc")))
+        prefixes = tuple(f"{mod.__name__.rpartition('.')[2]}." for mod in _cpu_modules())
+        n_files = sum(1 for f in os.listdir(cache_dir)
+                      if f.startswith(prefixes) and f.endswith((".nbi", ".nbc")))
     print(f"warmed up fastbn's CPU kernels in {elapsed:.1f} s "
           f"(dtypes {', '.join(str(np.dtype(d)) for d in _warmup_dtypes(cpu))}; channels-first and channels-last; "
           f"serial and parallel)")

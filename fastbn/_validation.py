@@ -26,7 +26,6 @@ __all__ = [
     "check_like_x",
     "check_backward_args",
     "check_training_batch",
-    "canonical_perm",
 ]
 
 _F16 = np.dtype(np.float16)
@@ -499,23 +498,3 @@ def check_training_batch(shape, axis: int) -> None:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {tuple(shape)}"
         )
-
-
-def canonical_perm(arr, axis: int):
-    """Return ``(perm, position)``: an axis order in which `arr` is C-contiguous, if one exists.
-
-    `perm` orders the axes by decreasing stride so that ``arr.transpose(perm)`` is
-    C-contiguous for any dense layout (C order, Fortran order, channels-last, ...);
-    `position` is where the feature axis lands. Returns ``(None, axis)`` when no such order
-    exists (sliced, broadcast or negatively strided arrays): the caller copies then.
-    """
-    ndim = arr.ndim
-    if arr.flags.c_contiguous:
-        return tuple(range(ndim)), axis
-    strides = arr.strides
-    shape = arr.shape
-    # Contiguity ignores the strides of size-1 axes, so they may go anywhere (last, here).
-    perm = tuple(sorted(range(ndim), key=lambda i: -strides[i] if shape[i] != 1 else 0))
-    if arr.transpose(perm).flags.c_contiguous:
-        return perm, perm.index(axis)
-    return None, axis

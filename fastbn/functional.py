@@ -20,6 +20,7 @@ import numpy as np
 
 from . import _validation as v
 from . import backends as _backends
+from ._layout import canonical, restore, same_layout
 
 __all__ = ["batch_norm", "batch_norm_forward", "batch_norm_backward"]
 
@@ -75,47 +76,6 @@ def _prepare(x, axis, backend):
     # the other arguments must come from x's library (a torch CPU tensor is viewed as a
     # NumPy array, but a NumPy weight with it is still a mix of libraries)
     return arr, v.source_library(x), wrap, be, ax
-
-
-# --------------------------------------------------------------------------- canonical form
-def _canonical(arr, ax, xp):
-    """The ``(A, C, B)`` view of `arr`: returns ``(x3, perm, shape)``.
-
-    ``perm`` is None when no axis reordering was needed, else the axis order in which the
-    data is C-contiguous; ``shape`` is the shape of ``arr.transpose(perm)``. Dense layouts
-    are viewed without a copy; others are copied once.
-    """
-    if arr.flags.c_contiguous:  # fast path: the common case
-        xt, perm, pos = arr, None, ax
-    else:
-        perm, pos = v.canonical_perm(arr, ax)
-        if perm is None:
-            xt = xp.ascontiguousarray(arr)
-            pos = ax
-        else:
-            xt = arr.transpose(perm)
-    shape = xt.shape
-    c = shape[pos]
-    a = math.prod(shape[:pos])
-    return xt.reshape(a, c, math.prod(shape[pos + 1:])), perm, shape
-
-
-def _same_layout(other, perm, shape3, xp):
-    """View `other` (same shape as the input) in the input's canonical order, copying if needed."""
-    if perm is not None:
-        other = other.transpose(perm)
-    return xp.ascontiguousarray(other).reshape(shape3)
-
-
-def _restore(y3, perm, shape):
-    """Turn an ``(A, C, B)`` result back into the input's shape and memory layout."""
-    y = y3.reshape(shape)
-    if perm is None:
-        return y
-    inverse = [0] * len(perm)
-    for i, p in enumerate(perm):
-        inverse[p] = i
-    return y.transpose(inverse)
 
 
 _stats_dtypes: dict = {}
@@ -221,7 +181,7 @@ def _forward_train(arr, ax, be, w, b, eps, rm, rv, momentum):
         # Nothing to normalize: an empty result, undefined (NaN) statistics, state untouched.
         nan = xp.full(c, np.nan, dtype=sd)
         return xp.empty_like(arr), nan, nan.copy()
-    x3, perm, shape = _canonical(arr, ax, xp)
+    x3, perm, shape = canonical(arr, ax, xp)
     return _forward_train3(x3, perm, shape, be, sd, w, b, eps, rm, rv, momentum)
 
 
@@ -238,14 +198,14 @@ def _forward_train3(x3, perm, shape, be, sd, w, b, eps, rm, rv, momentum):
         fused = getattr(be, "forward_train_update", None)
         if fused is not None:  # one call: statistics, output, then the running stats
             y3, mean, _, invstd = fused(x3, wc, bc, eps, rm, rv, momentum)
-            return _restore(y3, perm, shape), mean, invstd
+            return restore(y3, perm, shape), mean, invstd
     y3, mean, var, invstd = be.forward_train(x3, wc, bc, eps)
     if rm is not None:
         m = x3.shape[0] * x3.shape[2]
         update = getattr(be, "update_running_stats", None) if compiled else None
         if update is not None:  # one compiled call instead of six small array operations
             update(rm, rv, mean, var, momentum, m)
-            return _restore(y3, perm, shape), mean, invstd
+            return restore(y3, perm, shape), mean, invstd
         # torch's update for any running-statistics dtype and byte order (float16, '>f4',
         # or a backend without a compiled update): computed in float64 and rounded once
         # into the running statistics' dtype; both new values are formed before either
@@ -256,7 +216,7 @@ def _forward_train3(x3, perm, shape, be, sd, w, b, eps, rm, rv, momentum):
         new_rv = rv.astype(f64) * keep + var.astype(f64) * (momentum * m / (m - 1))
         rm[...] = new_rm
         rv[...] = new_rv
-    return _restore(y3, perm, shape), mean, invstd
+    return restore(y3, perm, shape), mean, invstd
 
 
 def batch_norm_forward(x, weight=None, bias=None, *, eps=1e-5, axis=1, running_mean=None,
@@ -413,9 +373,9 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     xp = be.xp
     if arr.size == 0:
         return _wrap(wrap, xp.empty_like(arr))
-    x3, perm, shape = _canonical(arr, ax, xp)
+    x3, perm, shape = canonical(arr, ax, xp)
     y3 = _forward_eval3(x3, None, be, _stats_dtype(be, arr.dtype), rm, rv, w, b, eps)
-    return _wrap(wrap, _restore(y3, perm, shape))
+    return _wrap(wrap, restore(y3, perm, shape))
 
 
 def _forward_eval3(x3, shape, be, sd, rm, rv, w, b, eps):
@@ -491,10 +451,54 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *, axis=1, b
     sd = _stats_dtype(be, arr.dtype)
     if arr.size == 0:
         return _wrap(wrap, xp.empty_like(arr), xp.zeros(c, dtype=sd), xp.zeros(c, dtype=sd))
-    x3, perm, shape = _canonical(arr, ax, xp)
+    x3, perm, shape = canonical(arr, ax, xp)
     if d.dtype != arr.dtype:
         d = d.astype(arr.dtype)
-    dy3 = _same_layout(d, perm, x3.shape, xp)
+    dy3 = same_layout(d, perm, x3.shape, xp)
     dx3, dweight, dbias = be.backward(dy3, x3, _param(mean, 0.0, c, be, sd),
                                       _param(invstd, 1.0, c, be, sd), _param(w, 1.0, c, be, sd))
-    return _wrap(wrap, _restore(dx3, perm, shape), dweight, dbias)
+    return _wrap(wrap, restore(dx3, perm, shape), dweight, dbias)
+
+
+# --------------------------------------------------------------------------- eval backward
+def _backward_eval3(be, sd, dy3, x3, mean, var, w, eps):
+    """Gradients of the eval-mode forward (statistics constant) on the canonical views:
+    ``(dx3, dweight, dbias)``.
+
+    ``be.backward_eval`` where the backend has it; otherwise composed of the backend's
+    other functions: dx is the eval forward applied to dy (mean 0, bias 0), dweight and
+    dbias are the sums of the training backward at mean = `mean`,
+    invstd = 1 / sqrt(var + eps) (0 where var + eps == 0, as in the forward).
+    """
+    c = x3.shape[1]
+    mean, var = _param(mean, 0.0, c, be, sd), _param(var, 1.0, c, be, sd)
+    w = _param(w, 1.0, c, be, sd)
+    fused = getattr(be, "backward_eval", None)
+    if fused is not None:
+        return fused(dy3, x3, mean, var, w, eps)
+    xp = be.xp
+    zero = xp.zeros(c, sd)
+    dx3 = be.forward_eval(dy3, zero, var, w, zero, eps)
+    ve = var.astype(xp.float64) + eps
+    invstd = xp.where(ve == 0, 0.0, 1.0 / xp.sqrt(xp.where(ve == 0, 1.0, ve))).astype(sd)
+    _, dweight, dbias = be.backward(dy3, x3, mean, invstd, w)
+    return dx3, dweight, dbias
+
+
+def _batch_norm_backward_eval(dy, x, running_mean, running_var, weight, eps, axis):
+    """Gradients of ``batch_norm(x, running_mean, running_var, weight, ..., training=False)``
+    for arrays the caller has validated (the layer's own): ``(dx, dweight, dbias)``, dx in
+    the shape and memory layout of `x`; `dy` is checked against `x`."""
+    arr, lib, wrap, be, ax = _prepare(x, axis, None)
+    d = v.check_like_x("dy", dy, arr, lib)
+    xp = be.xp
+    sd = _stats_dtype(be, arr.dtype)
+    c = arr.shape[ax]
+    if arr.size == 0:
+        return _wrap(wrap, xp.empty_like(arr), xp.zeros(c, dtype=sd), xp.zeros(c, dtype=sd))
+    x3, perm, shape = canonical(arr, ax, xp)
+    if d.dtype != arr.dtype:
+        d = d.astype(arr.dtype)
+    dy3 = same_layout(d, perm, x3.shape, xp)
+    dx3, dweight, dbias = _backward_eval3(be, sd, dy3, x3, running_mean, running_var, weight, eps)
+    return _wrap(wrap, restore(dx3, perm, shape), dweight, dbias)

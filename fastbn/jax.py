@@ -32,14 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
+from .backends import stats_dtype  # the shared rule: float16 data, float32 statistics
+
 __all__ = ["batch_norm"]
 
 _SUPPORTED_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
-
-
-def _stats_dtype(dtype) -> np.dtype:
-    dtype = np.dtype(dtype)
-    return np.dtype(np.float32) if dtype == np.float16 else dtype
 
 
 def _reduced_count(shape, axis: int) -> int:
@@ -63,7 +60,7 @@ def _host_forward(x, weight, bias, *, axis: int, eps: float):
     import fastbn
 
     x, weight, bias = _host(x), _host(weight), _host(bias)
-    sdt = _stats_dtype(x.dtype)
+    sdt = stats_dtype(x.dtype)
     m = _reduced_count(x.shape, axis)
     c = x.shape[axis]
     if m > 0:
@@ -94,7 +91,7 @@ def _host_backward(dy, x, mean, invstd, weight, *, axis: int):
     import fastbn
 
     x = _host(x)
-    sdt = _stats_dtype(x.dtype)
+    sdt = stats_dtype(x.dtype)
     dx, dw, db = fastbn.batch_norm_backward(
         _host(dy), x, _host(mean), _host(invstd), _host(weight), axis=axis
     )
@@ -105,7 +102,7 @@ def _host_backward(dy, x, mean, invstd, weight, *, axis: int):
 # Traced side: custom_vjp over pure_callback
 # ---------------------------------------------------------------------------------------
 def _forward_call(x, weight, bias, axis, eps):
-    sdt = _stats_dtype(x.dtype)
+    sdt = stats_dtype(x.dtype)
     c = x.shape[axis]
     shapes = (
         jax.ShapeDtypeStruct(x.shape, x.dtype),
@@ -143,7 +140,7 @@ def _broadcast_feature(v, ndim: int, axis: int):
 def _batch_norm_bwd(axis, eps, residuals, cotangents):
     x, weight, bias, mean, invstd = residuals
     ct_y, ct_mean, ct_var = cotangents
-    sdt = _stats_dtype(x.dtype)
+    sdt = stats_dtype(x.dtype)
     c = x.shape[axis]
     if isinstance(ct_y, SymbolicZero):
         dx = jnp.zeros(x.shape, sdt)
@@ -184,8 +181,8 @@ _batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd, symbolic_zeros=True)
 
 def _check_param(name, p, c, x_dtype):
     if p is None:
-        return jnp.ones((c,), _stats_dtype(x_dtype)) if name == "weight" else jnp.zeros(
-            (c,), _stats_dtype(x_dtype)
+        return jnp.ones((c,), stats_dtype(x_dtype)) if name == "weight" else jnp.zeros(
+            (c,), stats_dtype(x_dtype)
         )
     if not hasattr(p, "shape") or not hasattr(p, "dtype"):
         raise TypeError(f"{name} must be an array or None, got {type(p).__name__}")

@@ -8,7 +8,13 @@ from collections.abc import Mapping
 import numpy as np
 
 from . import _validation as v
-from .functional import batch_norm, batch_norm_backward, batch_norm_forward
+from ._device import array_module
+from .functional import (
+    _batch_norm_backward_eval,
+    batch_norm,
+    batch_norm_backward,
+    batch_norm_forward,
+)
 
 __all__ = ["BatchNorm"]
 
@@ -50,20 +56,6 @@ def _num_batches(value) -> int:
     if n < 0:
         raise ValueError(f"{key} must be >= 0, got {n}")
     return n
-
-
-def _array_module(device: str):
-    if not isinstance(device, str):
-        raise TypeError(f"device must be 'cpu' or 'gpu', got {type(device).__name__}")
-    if device == "cpu":
-        return np
-    if device == "gpu":
-        try:
-            import cupy
-        except ImportError as exc:
-            raise ValueError(f"device='gpu' needs CuPy, which could not be imported ({exc})") from None
-        return cupy
-    raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
 
 
 class BatchNorm:
@@ -148,7 +140,7 @@ class BatchNorm:
             raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
         if dt not in (np.float32, np.float64):
             raise TypeError(f"dtype must be float32 or float64, got {dt}")
-        xp = _array_module(device)
+        xp = array_module(device)
 
         self.num_features = int(num_features)
         self.axis = int(axis)
@@ -312,25 +304,11 @@ class BatchNorm:
         return "numpy" if self.device == "cpu" else "cupy"
 
     def _eval_backward(self, dy, x):
-        # In eval mode the statistics are constants: y = x * alpha + beta per feature.
-        xp = self.xp
-        dy = v.check_like_x("dy", dy, x, self._library)
-        ax = self.axis % x.ndim
-        shape = [1] * x.ndim
-        shape[ax] = self.num_features
-        red = tuple(i for i in range(x.ndim) if i != ax)
-        denom = self.running_var.astype(xp.float64) + self.eps
-        positive = denom > 0
-        invstd = xp.where(positive, 1.0 / xp.sqrt(xp.where(positive, denom, 1.0)), 0.0)
-        w = self.weight.astype(xp.float64) if self.affine else 1.0
-        xhat = (x.astype(xp.float64) - self.running_mean.astype(xp.float64).reshape(shape)) \
-            * invstd.reshape(shape)
-        dy64 = dy.astype(xp.float64)
-        db = dy64.sum(axis=red)
-        dw = (dy64 * xhat).sum(axis=red)
-        dx = dy64 * (w * invstd).reshape(shape)
-        sd = self.dtype
-        return dx.astype(x.dtype.newbyteorder("=")), dw.astype(sd), db.astype(sd)
+        # In eval mode the statistics are constants: the kernels' eval-mode backward.
+        dx, dw, db = _batch_norm_backward_eval(dy, x, self.running_mean, self.running_var,
+                                               self.weight if self.affine else None, self.eps,
+                                               self.axis)
+        return dx, dw.astype(self.dtype), db.astype(self.dtype)
 
     # ------------------------------------------------------------------ pickling
     def __getstate__(self):
@@ -342,7 +320,7 @@ class BatchNorm:
 
     def __setstate__(self, state):
         """Restore the attributes; the array module is resolved again from `device`."""
-        xp = _array_module(state["device"])
+        xp = array_module(state["device"])
         self.__dict__.update(state)
         self.xp = xp
 

@@ -48,7 +48,9 @@ from torch.autograd import forward_ad as _fwad
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import _validation
+from . import backends as _backends
 from . import functional as _api
+from ._layout import restore as _restore
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormError", "BatchNormTypeError",
            "batch_norm", "convert"]
@@ -76,8 +78,22 @@ class BatchNormTypeError(TypeError, RuntimeError):
 
 
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of the statistics for input `dtype` (float16, bfloat16 -> float32)."""
-    return torch.float32 if dtype in _REDUCED else dtype
+    """dtype of the statistics for input `dtype` (float16, bfloat16 -> float32): fastbn's
+    one rule, :func:`fastbn.backends.stats_dtype`, translated once per dtype."""
+    sd = _STATS_DTYPE.get(dtype)
+    if sd is None:
+        numpy_of = {torch.float16: np.float16, torch.float32: np.float32,
+                    torch.float64: np.float64}
+        if dtype is torch.bfloat16:  # ml_dtypes is imported only when bfloat16 shows up
+            numpy_of[dtype] = _np_bfloat16()
+        if dtype not in numpy_of:
+            return dtype  # not a dtype fastbn computes in (rejected by the checks)
+        torch_of = {np.dtype(v): k for k, v in numpy_of.items()}
+        sd = _STATS_DTYPE[dtype] = torch_of[_backends.stats_dtype(np.dtype(numpy_of[dtype]))]
+    return sd
+
+
+_STATS_DTYPE: dict = {}
 
 
 def _check_tensor_arg(name: str, t, device: torch.device, c: int) -> None:
@@ -190,13 +206,6 @@ def _memory_perm(x: Tensor):
         return cl[1]
     strides = x.stride()
     return tuple(sorted(range(x.dim()), key=lambda d: (-strides[d], d)))
-
-
-def _inverse(perm):
-    inv = [0] * len(perm)
-    for i, p in enumerate(perm):
-        inv[p] = i
-    return inv
 
 
 def _layout_strides(shape, perm):
@@ -364,12 +373,6 @@ def _canonical(br, x: Tensor):
     return a.reshape(math.prod(shape[:pos]), shape[pos], math.prod(shape[pos + 1:])), perm, shape
 
 
-def _restore(y3, perm, shape):
-    """The ``(A, C, B)`` result `y3` in the input's shape and memory layout."""
-    y = y3.reshape(shape)
-    return y if perm is None else y.transpose(_inverse(perm))
-
-
 def _same_layout(br, t: Tensor, perm, shape3):
     """`t` (shaped like the input) as a contiguous array in the input's canonical order."""
     if perm is None and t.is_contiguous():
@@ -456,32 +459,18 @@ def _backward(grad_output, input, mean, invstd, weight, need_input=True):
 
 def _eval_backward(grad_output, input, running_mean, running_var, weight, eps, needs):
     """Gradients of the evaluation forward (constant statistics)."""
-    need_x, need_w, need_b = needs
     sdt = _stats_dtype(input.dtype)
     if grad_output.dtype != input.dtype:
         grad_output = grad_output.to(input.dtype)
     with _bridge(input) as br:
         be = _backend(br)
-        if hasattr(be, "backward_eval"):
-            x3, perm, shape = _canonical(br, input)
-            sd = _api._stats_dtype(be, x3.dtype)
-            dx3, dw, db = be.backward_eval(
-                _same_layout(br, grad_output, perm, x3.shape), x3,
-                _param_array(br, running_mean, sdt), _param_array(br, running_var, sdt),
-                _api._param(_param_array(br, weight, sdt), 1.0, x3.shape[1], be, sd), eps)
-            return (br.tensor(_restore(dx3, perm, shape)) if need_x else None,
-                    br.tensor(dw), br.tensor(db))
-    dx = dw = db = None
-    if need_x:
-        # y = (x - rm) * w / sqrt(rv + eps) + b, so dx = dy * w / sqrt(rv + eps): the eval
-        # forward applied to dy with mean 0 and no bias
-        dx = _eval(grad_output, torch.zeros_like(running_mean), running_var, weight, None, eps)
-    if need_w or need_b:
-        # dw = sum(dy * xhat), db = sum(dy): the reductions of the training backward at
-        # mean = rm, invstd = 1 / sqrt(rv + eps)
-        invstd = torch.rsqrt(running_var.detach().to(sdt) + eps)
-        _, dw, db = _backward(grad_output, input, running_mean.detach().to(sdt), invstd, weight)
-    return dx, dw, db
+        x3, perm, shape = _canonical(br, input)
+        dx3, dw, db = _api._backward_eval3(
+            be, _api._stats_dtype(be, x3.dtype), _same_layout(br, grad_output, perm, x3.shape),
+            x3, _param_array(br, running_mean, sdt), _param_array(br, running_var, sdt),
+            _param_array(br, weight, sdt), eps)
+        return (br.tensor(_restore(dx3, perm, shape)) if needs[0] else None,
+                br.tensor(dw), br.tensor(db))
 
 
 def _empty(input, weight, bias):

@@ -1,9 +1,19 @@
-"""Shared test configuration: Hypothesis profiles and helpers."""
+"""Shared test configuration: Numba's cache folder, Hypothesis profiles and helpers."""
 
 import os
 
 import pytest
 from hypothesis import settings
+
+from fastbn.backends import _jitcache  # imports neither Numba nor the kernels
+
+# Numba keys a cached kernel on its own source file only (numba issue 1833): a folder per
+# digest of the CPU backend's sources, so an edit anywhere in the package compiles afresh.
+# Set before anything imports Numba, which reads it once; an explicit setting wins.
+if "NUMBA_CACHE_DIR" not in os.environ:
+    os.environ["NUMBA_CACHE_DIR"] = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".numba-cache",
+        _jitcache.source_digest())
 
 # Hypothesis loads its built-in "ci" profile (derandomized, no deadline) when CI is set;
 # extend it with a bounded example budget so the suite stays within minutes on 2 cores.

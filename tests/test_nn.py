@@ -333,7 +333,7 @@ def test_batch_indices_are_seeded_epochs():
 
 def test_devices():
     assert nn.array_module("cpu") is np
-    with pytest.raises(ValueError, match="device must be one of"):
+    with pytest.raises(ValueError, match="device must be 'cpu' or 'gpu', got 'tpu'"):
         nn.array_module("tpu")
     try:
         import cupy  # noqa: F401

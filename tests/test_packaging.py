@@ -26,4 +26,5 @@ def test_wheel_contains_kernel_sources(tmp_path):
     assert sources, "no .cu sources in the tree"
     for name in sources:
         assert f"fastbn/kernels/{name}" in names
-    assert "fastbn/backends/cpu.py" in names
+    for module in ("__init__", "_plan", "_moments", "_elementwise", "_half", "batchnorm"):
+        assert f"fastbn/backends/cpu/{module}.py" in names

@@ -23,7 +23,7 @@ import os
 import threading
 import warnings
 
-__all__ = ["can_cache", "harden"]
+__all__ = ["can_cache", "harden", "source_digest"]
 
 _warned: set = set()
 _warn_lock = threading.Lock()
@@ -35,6 +35,31 @@ def _warn_once(key: str, message: str) -> None:
             return
         _warned.add(key)
     warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def source_digest() -> str:
+    """A digest of the CPU backend's sources (every ``.py`` file of the package).
+
+    Numba keys a cached kernel on its own source file only, so an edit of a module that a
+    kernel calls into leaves the kernel's cache entry stale (numba issue 1833). Test and
+    benchmark runs put ``NUMBA_CACHE_DIR`` in a folder named by this digest, so that every
+    edit of the package compiles afresh and an unchanged package reuses the cache.
+
+    Returns
+    -------
+    str
+        16 hexadecimal digits of the SHA-256 of the files' names and contents.
+    """
+    import hashlib
+
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu")
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py"):
+            h.update(name.encode())
+            with open(os.path.join(folder, name), "rb") as fh:
+                h.update(fh.read())
+    return h.hexdigest()[:16]
 
 
 def can_cache(probe) -> bool:

@@ -87,7 +87,7 @@ def available() -> tuple[bool, str]:
 
 def _bfloat16_conversions(device):
     """Device functions ``(ld, st)``: float32 value of bfloat16 bits (a ``uint16``) and the
-    bfloat16 bits of a float32, as the CPU kernels convert (``fastbn.backends._half``):
+    bfloat16 bits of a float32, as the CPU kernels convert (``fastbn.backends.cpu._half``):
     the load shifts the bits into the upper half of a float32 (exact), the store rounds to
     nearest even on the float32 bits, ``(bits + 0x7FFF + ((bits >> 16) & 1)) >> 16``, and
     quiets a NaN (``(bits >> 16) | 0x40``: sign and leading payload kept) instead of rounding

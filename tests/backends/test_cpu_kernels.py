@@ -60,6 +60,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastbn.backends import cpu
+from fastbn.backends.cpu import batchnorm as cbn
 
 U64 = 2.0**-53
 BF16 = ml_dtypes.bfloat16  # the scalar type, as x.dtype.type gives it
@@ -377,7 +378,7 @@ SPLIT_SHAPES = [
 ]
 
 
-# One shape per path of the statistics (see the module docstring of fastbn.backends.cpu):
+# One shape per path of the statistics (see the package docstring of fastbn.backends.cpu):
 # serial runs, serial rows of channels, serial wide rows with a tail; parallel runs of
 # whole channels, runs split into ranges, channel groups, row ranges of wide rows with a
 # tail, and rows of channels (at 2 threads; SPLIT_SHAPES cover other counts).
@@ -442,7 +443,7 @@ def test_constant_channel_every_split(shape, threads):
     """Every merge of partial statistics keeps a constant channel exact."""
     x, w, b, _ = make(shape, np.float64)
     x[:, 0, :] = 0.1
-    _, mean, var, inv = cpu._ft_parallel(x, w, b, 0.0, threads, np.empty_like(x))
+    _, mean, var, inv = cbn._ft_parallel(x, w, b, 0.0, threads, np.empty_like(x))
     assert mean[0] == 0.1 and var[0] == 0.0 and inv[0] == 0.0
 
 
@@ -476,7 +477,7 @@ def test_infinities(shape, dtype):
 def test_infinity_every_split(shape, threads):
     x, w, b, _ = make(shape, np.float32)
     x[-1, 0, -1] = np.inf  # in the last range: merged into finite partial means
-    _, mean, var, _ = cpu._ft_parallel(x, w, b, 1e-5, threads, np.empty_like(x))
+    _, mean, var, _ = cbn._ft_parallel(x, w, b, 1e-5, threads, np.empty_like(x))
     assert mean[0] == np.inf and np.isnan(var[0])
 
 
@@ -487,7 +488,7 @@ def test_merges_of_huge_means_do_not_overflow():
     x[:2] = 1.5e308
     x[2:] = -1.5e308
     w, b = np.ones(1), np.zeros(1)
-    _, mean, var, _ = cpu._ft_parallel(x, w, b, 1e-5, 2, np.empty_like(x))
+    _, mean, var, _ = cbn._ft_parallel(x, w, b, 1e-5, 2, np.empty_like(x))
     assert abs(mean[0]) <= growth(x.size) * 1.5e308
     assert var[0] == np.inf  # the true variance, 2.25e616, overflows
 
@@ -525,7 +526,7 @@ def test_nan_propagates(shape, dtype):
 
 
 def _kernel_view(a):
-    """What the kernels see: bfloat16 data as int16 bits (see fastbn.backends._half)."""
+    """What the kernels see: bfloat16 data as int16 bits (see fastbn.backends.cpu._half)."""
     return a.view(np.int16) if a.dtype == BF16 else a
 
 
@@ -542,14 +543,14 @@ def test_parallel_split_and_merge(shape, threads, dtype):
     bfloat16 data are passed as the int16 views that forward_train etc. pass."""
     x, w, b, dy = make(shape, dtype, seed=3, offset=50.0)
     xk, dyk = _kernel_view(x), _kernel_view(dy)
-    y, mean, var, inv = cpu._ft_parallel(xk, w, b, 1e-5, threads, np.empty_like(xk))
+    y, mean, var, inv = cbn._ft_parallel(xk, w, b, 1e-5, threads, np.empty_like(xk))
     check_forward_train(x, w, b, 1e-5, (_data_view(y, dtype), mean, var, inv))
-    y = cpu._fe_parallel(xk, mean, var, w, b, 1e-5, threads, np.empty_like(xk))
+    y = cbn._fe_parallel(xk, mean, var, w, b, 1e-5, threads, np.empty_like(xk))
     check_forward_eval(x, mean, var, w, b, 1e-5, _data_view(y, dtype))
-    dx, dw, db = cpu._bw_parallel(dyk, xk, mean, inv, w, threads, np.empty_like(xk), False)
+    dx, dw, db = cbn._bw_parallel(dyk, xk, mean, inv, w, threads, np.empty_like(xk), False)
     check_backward(dy, x, mean, inv, w, (_data_view(dx, dtype), dw, db))
     # the reductions alone (backward_eval's pass): the same sums, dx left alone
-    _, dw2, db2 = cpu._bw_parallel(dyk, xk, mean, inv, w, threads, np.empty((0, 0, 0), xk.dtype), True)
+    _, dw2, db2 = cbn._bw_parallel(dyk, xk, mean, inv, w, threads, np.empty((0, 0, 0), xk.dtype), True)
     np.testing.assert_array_equal(dw2, dw)
     np.testing.assert_array_equal(db2, db)
 
@@ -571,16 +572,16 @@ def test_half_without_native_conversions(shape, dtype, bits, monkeypatch):
         return call
 
     for name in ("_ft_serial", "_ft_parallel", "_fe_serial", "_fe_parallel", "_bw_serial", "_bw_parallel"):
-        monkeypatch.setattr(cpu, name, spy(getattr(cpu, name)))
+        monkeypatch.setattr(cbn, name, spy(getattr(cbn, name)))
     ch = np.dtype(dtype).char
-    monkeypatch.setitem(cpu._half_native, ch, False)
+    monkeypatch.setitem(cpu._plan._half_native, ch, False)
     run_all(shape, dtype, seed=5)
     # the float32 kernels ran: train, eval, backward, eval backward (reductions, dx)
     assert seen == [np.dtype(np.float32)] * 5
-    monkeypatch.delitem(cpu._half_native, ch, raising=False)
+    monkeypatch.delitem(cpu._plan._half_native, ch, raising=False)
     seen.clear()
     run_all(shape, dtype, seed=5)  # as the machine allows
-    native = cpu._half_native[ch]
+    native = cpu._plan._half_native[ch]
     assert seen == [np.dtype(bits if native else np.float32)] * 5
 
 

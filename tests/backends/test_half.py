@@ -1,4 +1,4 @@
-"""float16 and bfloat16 conversions for the Numba CPU kernels (``fastbn.backends._half``).
+"""float16 and bfloat16 conversions for the Numba CPU kernels (``fastbn.backends.cpu._half``).
 
 The conversions must equal NumPy's bit for bit: ``h2f`` is exact (every float16 is a
 float32), and ``f2h`` rounds to nearest, ties to even, once, also from float64. So
@@ -33,8 +33,8 @@ import pytest
 from numba import njit, prange
 from numba.core.errors import TypingError
 
-from fastbn.backends import _half
-from fastbn.backends._half import b2f, cf, f2b, f2h, h2f, ld, st
+from fastbn.backends.cpu import _half
+from fastbn.backends.cpu._half import b2f, cf, f2b, f2h, h2f, ld, st
 
 # ----------------------------------------------------------------------------------
 # Kernels under test
@@ -402,8 +402,8 @@ _GENERIC_SCRIPT = textwrap.dedent("""
     import sys
     import numpy as np
     from numba import njit
-    from fastbn.backends import _half
-    from fastbn.backends._half import ld, st
+    from fastbn.backends.cpu import _half
+    from fastbn.backends.cpu._half import ld, st
 
     if sys.argv[1] == "forced":
         # Pretend the target converts natively: the compiled code then calls library

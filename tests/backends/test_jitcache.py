@@ -81,8 +81,8 @@ def test_no_writable_cache_location(tmp_path):
     (compiled without a cache), with one warning, instead of the slow reference."""
     site = tmp_path / "site"
     shutil.copytree(PACKAGE, site / "fastbn", ignore=shutil.ignore_patterns("__pycache__"))
-    # Numba's in-tree cache goes to fastbn/backends/__pycache__: make it impossible.
-    (site / "fastbn" / "backends" / "__pycache__").write_text("not a directory")
+    # Numba's in-tree cache goes to fastbn/backends/cpu/__pycache__: make it impossible.
+    (site / "fastbn" / "backends" / "cpu" / "__pycache__").write_text("not a directory")
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")
     env = {"PYTHONPATH": str(site), "XDG_CACHE_HOME": str(blocker), "HOME": str(blocker),

@@ -160,7 +160,7 @@ def _probe(tm) -> tuple[bool, str]:
                 res = (False, "LLVM lowers half conversions to library calls (" + ", ".join(found) + ")")
             else:
                 res = (True, "")
-        except Exception as exc:  # noqa: BLE001  (an LLVM without half: use the integer code)
+        except Exception as exc:
             res = (False, f"half-precision probe failed to compile: {exc!r}")
         _native_cache[key] = res
     return _native_cache[key]
@@ -598,7 +598,7 @@ def _check() -> tuple[bool, str]:
         ok_b = np.array_equal(b[~nan_b], want_b[~nan_b]) and bool(np.all((b[nan_b] & 0x7C00) == 0x7C00)
                                                                   & np.all((b[nan_b] & 0x03FF) != 0))
         ok_c = np.array_equal(c, want_c)
-    except Exception as exc:  # noqa: BLE001  (any failure means: not usable)
+    except Exception as exc:
         return False, f"float16 conversions failed to compile or run: {exc!r}"
     if not (ok_a and ok_b and ok_c):
         return False, "float16 conversions give wrong values on this target"
@@ -654,7 +654,7 @@ def _bf_check() -> tuple[bool, str]:
     want_d = np.array([0x3F81, 0xBF80, 0x0001, 0x0000, 0x0002, 0x7F80, 0x8000], np.uint16)
     try:
         a, b, c = _bf_roundtrip(u.view(np.int16), f.view(np.float32), d)
-    except Exception as exc:  # noqa: BLE001  (any failure means: not usable)
+    except Exception as exc:
         return False, f"bfloat16 conversions failed to compile or run: {exc!r}"
     ok = (np.array_equal(a.view(np.uint32), u.astype(np.uint32) << 16)
           and np.array_equal(b.view(np.uint16), want_f) and np.array_equal(c.view(np.uint16), want_d))
