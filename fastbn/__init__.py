@@ -1,4 +1,4 @@
-"""fastbn: fast, numerically stable batch normalization for NumPy, CuPy, PyTorch and JAX arrays.
+"""fastbn: fast, numerically stable normalization for NumPy, CuPy, PyTorch and JAX arrays.
 
 The public API::
 
@@ -6,6 +6,12 @@ The public API::
     y, mean, invstd = fastbn.batch_norm_forward(x, weight, bias, eps=1e-5, axis=1)
     dx, dweight, dbias = fastbn.batch_norm_backward(dy, x, mean, invstd, weight, axis=1)
     bn = fastbn.BatchNorm(num_features, axis=1)
+    y = fastbn.layer_norm(x, normalized_shape, weight, bias, eps=1e-5)
+    y, mean, rstd = fastbn.layer_norm_forward(x, normalized_shape, weight, bias)
+    dx, dweight, dbias = fastbn.layer_norm_backward(dy, x, mean, rstd, normalized_shape, weight)
+    y = fastbn.rms_norm(x, normalized_shape, weight, eps=None)
+    y, rstd = fastbn.rms_norm_forward(x, normalized_shape, weight)
+    dx, dweight = fastbn.rms_norm_backward(dy, x, rstd, normalized_shape, weight)
     fastbn.reference        # the float64 NumPy oracle
     fastbn.backends()       # backends usable on this machine
     fastbn.set_cache_limit(n), fastbn.empty_cache(), fastbn.cache_info()
@@ -20,6 +26,14 @@ from ._buffers import cache_info, empty_cache, set_cache_limit
 from .backends import available_backends
 from .functional import batch_norm, batch_norm_backward, batch_norm_forward
 from .layers import BatchNorm
+from .rownorm import (
+    layer_norm,
+    layer_norm_backward,
+    layer_norm_forward,
+    rms_norm,
+    rms_norm_backward,
+    rms_norm_forward,
+)
 
 __version__ = "0.1.0"
 
@@ -32,6 +46,12 @@ __all__ = [
     "batch_norm_forward",
     "cache_info",
     "empty_cache",
+    "layer_norm",
+    "layer_norm_backward",
+    "layer_norm_forward",
     "reference",
+    "rms_norm",
+    "rms_norm_backward",
+    "rms_norm_forward",
     "set_cache_limit",
 ]

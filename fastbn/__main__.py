@@ -210,6 +210,13 @@ def cmd_warmup(args) -> int:
                 fastbn.batch_norm_forward(x, w, b, eps=_EPS, axis=axis, backend="cpu")
                 fastbn.batch_norm(x, rm, rv, w, b, training=False, eps=_EPS, axis=axis, backend="cpu")
                 fastbn.batch_norm_backward(y, x, mean, invstd, w, axis=axis, backend="cpu")
+            for rows in (8, 4 * cpu.SERIAL_MAX // 256):  # the row norms, serial and parallel
+                x = rng.standard_normal((rows, 256)).astype(dtype)
+                w = np.ones(256, sdt)
+                y, mean, rstd = fastbn.layer_norm_forward(x, 256, w, w, backend="cpu")
+                fastbn.layer_norm_backward(y, x, mean, rstd, 256, w, backend="cpu")
+                y, rstd = fastbn.rms_norm_forward(x, 256, w, backend="cpu")
+                fastbn.rms_norm_backward(y, x, rstd, 256, w, backend="cpu")
     for wrn in caught:
         msg = str(wrn.message)
         if "Cannot cache compiled function" in msg:
@@ -228,8 +235,8 @@ def cmd_warmup(args) -> int:
         n_files = sum(1 for f in os.listdir(cache_dir)
                       if f.startswith(prefixes) and f.endswith((".nbi", ".nbc")))
     print(f"warmed up fastbn's CPU kernels in {elapsed:.1f} s "
-          f"(dtypes {', '.join(str(np.dtype(d)) for d in _warmup_dtypes(cpu))}; channels-first and channels-last; "
-          f"serial and parallel)")
+          f"(batch, layer and RMS norm; dtypes {', '.join(str(np.dtype(d)) for d in _warmup_dtypes(cpu))}; "
+          f"channels-first and channels-last; serial and parallel)")
     print(f"  {hits} kernel signatures loaded from the cache, {misses} compiled now")
     print(f"Numba cache ({where}): {cache_dir}  ({n_files} cache files of fastbn's CPU kernels)")
     if uncachable:

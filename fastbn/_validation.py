@@ -247,8 +247,9 @@ def _native(name: str, arr, allowed):
     return arr.astype(_native_float(arr.dtype, allowed))
 
 
-def check_x(name: str, arr, dtypes):
-    """Validate the data array: floating dtype supported by the backend, ndim >= 2.
+def check_x(name: str, arr, dtypes, min_ndim: int = 2):
+    """Validate the data array: floating dtype supported by the backend, ndim >= `min_ndim`
+    (2 for batch norm: a batch axis and a feature axis).
 
     Parameters
     ----------
@@ -269,14 +270,13 @@ def check_x(name: str, arr, dtypes):
     TypeError
         For a dtype that is not one of `dtypes` in any byte order.
     ValueError
-        For fewer than 2 dimensions.
+        For fewer than `min_ndim` dimensions.
     """
-    if arr.ndim < 2:
+    if arr.ndim < min_ndim:
         _check_float_any_order(name, arr, dtypes)
-        raise ValueError(
-            f"{name} must have at least 2 dimensions (a batch axis and a feature axis), "
-            f"got shape {tuple(arr.shape)}"
-        )
+        what = ("2 dimensions (a batch axis and a feature axis)" if min_ndim == 2 else
+                f"{min_ndim} dimension" + ("s" if min_ndim > 1 else ""))
+        raise ValueError(f"{name} must have at least {what}, got shape {tuple(arr.shape)}")
     return _native(name, arr, dtypes)
 
 
@@ -498,3 +498,48 @@ def check_training_batch(shape, axis: int) -> None:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {tuple(shape)}"
         )
+
+
+def check_normalized_shape(normalized_shape, x_shape) -> tuple:
+    """torch's ``normalized_shape``: an int or a sequence of ints, the trailing dimensions of
+    x. Returns it as a tuple of ints."""
+    ns = normalized_shape
+    if isinstance(ns, numbers.Integral) and not isinstance(ns, bool):
+        ns = (int(ns),)
+    else:
+        try:
+            ns = tuple(ns)
+        except TypeError:
+            raise TypeError("normalized_shape must be an int or a sequence of ints, got "
+                            f"{type(normalized_shape).__name__}") from None
+        for d in ns:
+            if isinstance(d, bool) or not isinstance(d, numbers.Integral):
+                raise TypeError("normalized_shape must be an int or a sequence of ints, got an "
+                                f"element of type {type(d).__name__}")
+        ns = tuple(int(d) for d in ns)
+    if not ns:
+        raise ValueError("normalized_shape must have at least one dimension, got ()")
+    if any(d < 0 for d in ns):
+        raise ValueError(f"normalized_shape must not have negative dimensions, got {ns}")
+    k = len(ns)
+    if len(x_shape) < k or tuple(x_shape[len(x_shape) - k:]) != ns:
+        raise ValueError(f"x's trailing dimensions must be normalized_shape {ns}, got x of shape "
+                         f"{tuple(x_shape)}")
+    return ns
+
+
+def check_shaped(name: str, obj, shape: tuple, library: str, like):
+    """An optional float array of exactly `shape` (layer and RMS norm's weight and bias, the
+    saved statistics), from x's library and device; native byte order (a copy otherwise).
+    None stays None."""
+    if obj is None:
+        return None
+    if (type(obj) is np.ndarray and library == "numpy" and obj.shape == shape
+            and obj.dtype in _FLOAT_DTYPES):
+        return obj  # fast path; the checks below explain any failure
+    arr, lib, _ = as_array(name, obj)
+    _same_library(name, obj, arr, lib, library, like)
+    _check_float_any_order(name, arr, _FLOAT_DTYPES)
+    if tuple(arr.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(arr.shape)}")
+    return _native(name, arr, _FLOAT_DTYPES)

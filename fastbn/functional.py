@@ -14,110 +14,25 @@ broadcast) are copied once to a contiguous array.
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 
+from . import _pipeline
 from . import _validation as v
-from . import backends as _backends
 from ._layout import canonical, restore, same_layout
+from ._pipeline import param as _param
+from ._pipeline import select_backend as _select_backend  # noqa: F401 - fastbn.torch uses it
+from ._pipeline import stats_dtype as _stats_dtype
+from ._pipeline import wrap as _wrap
 
 __all__ = ["batch_norm", "batch_norm_forward", "batch_norm_backward"]
 
 
 # --------------------------------------------------------------------------- dispatch
-_default_backend = {}
-_numpy_backends: dict = {}  # backend= names already resolved for NumPy input
-
-
-def _select_backend(library: str, backend):
-    """Backend module for arrays of `library`, honouring an explicit `backend=`."""
-    if backend is None:
-        be = _default_backend.get(library)
-        if be is not None:
-            return be
-        be = _default_backend[library] = _default_for(library)
-        return be
-    be = _backends.get_backend(backend)
-    be_lib = be.xp.__name__.partition(".")[0]
-    if be_lib != library:
-        raise TypeError(f"backend {backend!r} runs on {be_lib} arrays, but x is a {library} array")
-    if library == "numpy" and type(backend) is str:
-        _numpy_backends[backend] = be  # known good for NumPy input: the fast path may use it
-    return be
-
-
-def _default_for(library: str):
-    """The default backend for `library`; NumPy falls back to the reference if Numba fails."""
-    try:
-        return _backends.backend_for(library)
-    except RuntimeError as exc:
-        if library != "numpy":
-            raise
-        warnings.warn(f"{exc}; falling back to the slow 'reference' backend", RuntimeWarning,
-                      stacklevel=5)
-        return _backends.get_backend("reference")
-
-
-_dtype_sets: dict = {}
-
-
 def _prepare(x, axis, backend):
     """Validate x: ``(array, source library of x, wrap, backend, axis)``."""
-    arr, lib, wrap = v.as_array("x", x)
-    be = _select_backend(lib, backend)
-    dtypes = _dtype_sets.get(be.name)
-    if dtypes is None:
-        dtypes = _dtype_sets[be.name] = frozenset(np.dtype(d) for d in be.dtypes)
-    arr = v.check_x("x", arr, dtypes)
-    if arr.dtype not in dtypes:  # bfloat16, accepted with float16: from now on on the fast path
-        _dtype_sets[be.name] = dtypes | {arr.dtype}
-    ax = v.check_axis(axis, arr.ndim)
-    # the other arguments must come from x's library (a torch CPU tensor is viewed as a
-    # NumPy array, but a NumPy weight with it is still a mix of libraries)
-    return arr, v.source_library(x), wrap, be, ax
-
-
-_stats_dtypes: dict = {}
-
-
-def _stats_dtype(be, dtype):
-    """``be.stats_dtype(dtype)``, memoized (it is on the hot path of every call)."""
-    key = (be.name, dtype)
-    sd = _stats_dtypes.get(key)
-    if sd is None:
-        sd = _stats_dtypes[key] = np.dtype(be.stats_dtype(dtype))
-    return sd
-
-
-_host_constants: dict = {}
-
-
-def _param(arr, default: float, c: int, be, sd):
-    """A per-feature array as a contiguous array of dtype `sd`; None becomes `default`s.
-
-    Constants for NumPy are cached (the kernels never write their inputs).
-    """
-    if arr is None:
-        if be.xp is np:
-            key = (default, c, sd)
-            const = _host_constants.get(key)
-            if const is None:
-                if len(_host_constants) > 256:
-                    _host_constants.clear()
-                const = _host_constants[key] = np.full(c, default, dtype=sd)
-            return const
-        return be.xp.full(c, default, dtype=sd)
-    if arr.dtype == sd and arr.flags.c_contiguous:
-        return arr
-    return be.xp.ascontiguousarray(arr, dtype=sd)
-
-
-def _wrap(wrap, *arrays):
-    if wrap is None:
-        return arrays if len(arrays) > 1 else arrays[0]
-    out = tuple(wrap(a) for a in arrays)
-    return out if len(out) > 1 else out[0]
+    arr, lib, wrap, be = _pipeline.prepare(x, backend)
+    return arr, lib, wrap, be, v.check_axis(axis, arr.ndim)
 
 
 # --------------------------------------------------------------------------- fast path
@@ -130,17 +45,13 @@ def _wrap(wrap, *arrays):
 
 def _fast_x(x, axis, backend):
     """``(backend, x3)`` for a C-contiguous, non-empty NumPy `x`, else None."""
-    if type(x) is not np.ndarray or type(axis) is not int:
+    if type(axis) is not int:
         return None
-    if backend is None:
-        be = _default_backend.get("numpy")
-    else:
-        be = _numpy_backends.get(backend) if type(backend) is str else None
+    be = _pipeline.fast_backend(x, backend)
+    if be is None:
+        return None
     nd = x.ndim
-    if be is None or nd < 2 or not -nd <= axis < nd or not x.flags.c_contiguous:
-        return None
-    dtypes = _dtype_sets.get(be.name)
-    if dtypes is None or x.dtype not in dtypes or x.size == 0:
+    if nd < 2 or not -nd <= axis < nd:
         return None
     shape = x.shape
     ax = axis % nd

@@ -15,9 +15,14 @@ from __future__ import annotations
 import numpy as np
 
 from . import _validation as v
-from .backends.reference import invstd_of, shifted_mean  # one copy of the oracles' rules
+from .backends.reference import (  # one copy of the oracles' rules
+    invstd_of,
+    shifted_mean,
+)
 
-__all__ = ["batch_norm", "batch_norm_forward", "batch_norm_backward"]
+__all__ = ["batch_norm", "batch_norm_backward", "batch_norm_forward", "layer_norm",
+           "layer_norm_backward", "layer_norm_forward", "rms_norm", "rms_norm_backward",
+           "rms_norm_forward"]
 
 _DTYPES = (np.float16, np.float32, np.float64)
 
@@ -202,3 +207,64 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *, axis=1, b
 def _check_backend(backend):
     if backend not in (None, "reference"):
         raise ValueError(f"the reference ignores backends; backend must be None or 'reference', got {backend!r}")
+
+
+# --------------------------------------------------------------------------- row norms
+def _float64_rows(x, fn, *args, **kwargs):
+    """Run the public row-norm function `fn` on the ``"reference"`` backend with x in
+    float64: its validation, the float64 NumPy formulas of
+    :mod:`fastbn.backends.reference`, float64 results."""
+    _check_backend(kwargs.pop("backend", None))
+    x = _numpy("x", x)
+    return fn(x.astype(np.float64) if x.dtype.kind in "fV" else x, *args, backend="reference",
+              **kwargs)
+
+
+def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, backend=None):
+    """Layer norm in float64 (see :func:`fastbn.layer_norm_forward`): float64 y, mean, rstd."""
+    from . import rownorm
+
+    return _float64_rows(x, rownorm.layer_norm_forward, normalized_shape, weight, bias, eps,
+                         backend=backend)
+
+
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, backend=None):
+    """Layer norm in float64 (see :func:`fastbn.layer_norm`)."""
+    return layer_norm_forward(x, normalized_shape, weight, bias, eps, backend=backend)[0]
+
+
+def layer_norm_backward(dy, x, mean, rstd, normalized_shape, weight=None, *, backend=None):
+    """Gradients of layer norm in float64 (see :func:`fastbn.layer_norm_backward`)."""
+    from . import rownorm
+
+    dy = _numpy("dy", dy)
+    return _float64_rows(x, lambda x64, *a, **k: rownorm.layer_norm_backward(
+        dy.astype(np.float64), x64, *a, **k), np.asarray(mean, np.float64),
+        np.asarray(rstd, np.float64), normalized_shape, weight, backend=backend)
+
+
+def rms_norm_forward(x, normalized_shape, weight=None, eps=None, *, backend=None):
+    """RMS norm in float64 (see :func:`fastbn.rms_norm_forward`); ``eps=None`` is the
+    machine epsilon of x's own dtype, as for the kernels."""
+    from . import rownorm
+
+    x = _numpy("x", x)
+    if eps is None and x.dtype.kind in "fV":
+        eps = rownorm._rms_eps(None, x.dtype)
+    return _float64_rows(x, rownorm.rms_norm_forward, normalized_shape, weight, eps,
+                         backend=backend)
+
+
+def rms_norm(x, normalized_shape, weight=None, eps=None, *, backend=None):
+    """RMS norm in float64 (see :func:`fastbn.rms_norm`)."""
+    return rms_norm_forward(x, normalized_shape, weight, eps, backend=backend)[0]
+
+
+def rms_norm_backward(dy, x, rstd, normalized_shape, weight=None, *, backend=None):
+    """Gradients of RMS norm in float64 (see :func:`fastbn.rms_norm_backward`)."""
+    from . import rownorm
+
+    dy = _numpy("dy", dy)
+    return _float64_rows(x, lambda x64, *a, **k: rownorm.rms_norm_backward(
+        dy.astype(np.float64), x64, *a, **k), np.asarray(rstd, np.float64), normalized_shape,
+        weight, backend=backend)

@@ -46,6 +46,17 @@ public API handles empty batches itself. ``weight`` and ``bias`` are never ``Non
     ``invstd = 1 / sqrt(var + eps)`` (0 where ``var + eps == 0``, as in the forward),
     ``dbias = sum(dy)``, ``dweight = sum(dy * (x - mean) * invstd)``,
     ``dx = dy * weight * invstd``. Callers without it compose it from the others.
+``layer_norm_forward(x2, weight, bias, eps) -> (y2, mean, rstd)`` (optional)
+    Layer norm of each row of the C-contiguous ``(R, N)`` array ``x2`` (``R, N >= 1``):
+    ``y2 = (x2 - mean) * rstd * weight + bias`` with the row's mean and
+    ``rstd = 1 / sqrt(var + eps)`` (biased variance; 0 where ``var + eps == 0``);
+    ``weight`` and ``bias`` have length ``N``, ``mean`` and ``rstd`` length ``R``.
+``layer_norm_backward(dy2, x2, mean, rstd, weight) -> (dx2, dweight, dbias)`` (optional)
+    Its gradients; ``dweight``, ``dbias`` of length ``N``.
+``rms_norm_forward(x2, weight, eps) -> (y2, rstd)``, ``rms_norm_backward(dy2, x2, rstd, weight) -> (dx2, dweight)`` (optional)
+    Likewise for RMS norm: ``rstd = 1 / sqrt(mean(x2**2) + eps)``, ``y2 = x2 * rstd * weight``.
+    A backend without these functions has no row normalizations: the API raises a
+    ``TypeError`` naming the backend (:func:`fastbn._pipeline.kernel`).
 ``update_running_stats(running_mean, running_var, mean, var, momentum, M)`` (optional)
     torch's running-statistics update in place, called by the API after ``forward_train``
     succeeded: ``r = (1 - momentum) * r + momentum * stat`` with the unbiased variance

@@ -91,3 +91,51 @@ def backward_eval(dy3, x3, mean, var, weight, eps):
     dy = dy3.astype(np.float64)
     dx = dy * (weight.astype(np.float64)[None, :, None] * inv)
     return dx.astype(x3.dtype), (dy * xhat).sum(axis=(0, 2)).astype(sd), dy.sum(axis=(0, 2)).astype(sd)
+
+
+# ------------------------------------------------------------------ rows: layer and RMS norm
+# x2 and dy2 are C-contiguous (R, N): rows of the N values of the normalized dimensions.
+@np.errstate(invalid="ignore", divide="ignore", over="ignore")
+def layer_norm_forward(x2, weight, bias, eps):
+    """Layer norm of each row (see the CPU backend's function of the same name)."""
+    sd = stats_dtype(x2.dtype)
+    x = x2.astype(np.float64)
+    mean = shifted_mean(x, (1,))
+    centered = x - mean[:, None]
+    rstd = invstd_of((centered * centered).mean(axis=1), eps)
+    y = centered * rstd[:, None] * weight.astype(np.float64) + bias.astype(np.float64)
+    return y.astype(x2.dtype), mean.astype(sd), rstd.astype(sd)
+
+
+@np.errstate(invalid="ignore", divide="ignore", over="ignore")
+def layer_norm_backward(dy2, x2, mean, rstd, weight):
+    """Gradients of :func:`layer_norm_forward`."""
+    sd = stats_dtype(x2.dtype)
+    rs = rstd.astype(np.float64)[:, None]
+    xhat = (x2.astype(np.float64) - mean.astype(np.float64)[:, None]) * rs
+    dy = dy2.astype(np.float64)
+    g = dy * weight.astype(np.float64)
+    dx = rs * (g - g.mean(axis=1, keepdims=True) - xhat * (g * xhat).mean(axis=1, keepdims=True))
+    return dx.astype(x2.dtype), (dy * xhat).sum(axis=0).astype(sd), dy.sum(axis=0).astype(sd)
+
+
+@np.errstate(invalid="ignore", divide="ignore", over="ignore")
+def rms_norm_forward(x2, weight, eps):
+    """RMS norm of each row (see the CPU backend's function of the same name)."""
+    sd = stats_dtype(x2.dtype)
+    x = x2.astype(np.float64)
+    rstd = invstd_of((x * x).mean(axis=1), eps)
+    y = x * rstd[:, None] * weight.astype(np.float64)
+    return y.astype(x2.dtype), rstd.astype(sd)
+
+
+@np.errstate(invalid="ignore", divide="ignore", over="ignore")
+def rms_norm_backward(dy2, x2, rstd, weight):
+    """Gradients of :func:`rms_norm_forward`."""
+    sd = stats_dtype(x2.dtype)
+    rs = rstd.astype(np.float64)[:, None]
+    x = x2.astype(np.float64)
+    dy = dy2.astype(np.float64)
+    g = dy * weight.astype(np.float64)
+    dx = rs * g - x * rs**3 * (g * x).mean(axis=1, keepdims=True)
+    return dx.astype(x2.dtype), (dy * x * rs).sum(axis=0).astype(sd)

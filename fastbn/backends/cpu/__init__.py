@@ -7,7 +7,7 @@ Files, by phase: :mod:`._plan` (size thresholds, work splits, per-channel values
 out along rows, the views of 16-bit data), :mod:`._moments` (statistics and the
 backward's sums), :mod:`._elementwise` (the normalization and dx passes), :mod:`._half`
 (float16 and bfloat16 loads and stores) and one file per operation composing them
-(:mod:`.batchnorm`: its kernels and the contract's functions).
+(:mod:`.batchnorm`; :mod:`.rownorm` for layer norm and RMS norm, which normalize rows).
 
 Design
 ------
@@ -93,6 +93,12 @@ from .batchnorm import (
     forward_train_update,
     update_running_stats,
 )
+from .rownorm import (
+    layer_norm_backward,
+    layer_norm_forward,
+    rms_norm_backward,
+    rms_norm_forward,
+)
 
 __all__ = [
     "BACKWARD_SERIAL_MAX",
@@ -104,7 +110,11 @@ __all__ = [
     "forward_eval",
     "forward_train",
     "forward_train_update",
+    "layer_norm_backward",
+    "layer_norm_forward",
     "name",
+    "rms_norm_backward",
+    "rms_norm_forward",
     "stats_dtype",
     "update_running_stats",
     "xp",
