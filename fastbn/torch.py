@@ -251,12 +251,6 @@ _views: dict = {}
 _VIEWS_MAX = 4096
 
 
-def _forget(key, ref):
-    entry = _views.get(key)
-    if entry is not None and entry[0] is ref:
-        del _views[key]
-
-
 def _cpu_view(t: Tensor) -> np.ndarray:
     """:func:`_np_view` of a 1-d CPU tensor, cached for contiguous ones."""
     key = id(t)
@@ -268,8 +262,10 @@ def _cpu_view(t: Tensor) -> np.ndarray:
     if t.is_contiguous():
         if len(_views) >= _VIEWS_MAX:
             _views.clear()
-        _views[key] = (_weakref.ref(t, functools.partial(_forget, key)), t.data_ptr(), t.shape,
-                       t.dtype, a)
+        # the entry goes when the tensor dies (its id can be reused only after that); the
+        # callback holds the dict itself, not a module global, so it also works at exit
+        _views[key] = (_weakref.ref(t, lambda _ref, pop=_views.pop, key=key: pop(key, None)),
+                       t.data_ptr(), t.shape, t.dtype, a)
     return a
 
 
