@@ -12,6 +12,7 @@ The public API::
     y = fastbn.rms_norm(x, normalized_shape, weight, eps=None)
     y, rstd = fastbn.rms_norm_forward(x, normalized_shape, weight)
     dx, dweight = fastbn.rms_norm_backward(dy, x, rstd, normalized_shape, weight)
+    ln = fastbn.LayerNorm(normalized_shape); rms = fastbn.RMSNorm(normalized_shape)
     fastbn.reference        # the float64 NumPy oracle
     fastbn.backends()       # backends usable on this machine
     fastbn.set_cache_limit(n), fastbn.empty_cache(), fastbn.cache_info()
@@ -26,6 +27,7 @@ from ._buffers import cache_info, empty_cache, set_cache_limit
 from .backends import available_backends
 from .functional import batch_norm, batch_norm_backward, batch_norm_forward
 from .layers import BatchNorm
+from .rowlayers import LayerNorm, RMSNorm
 from .rownorm import (
     layer_norm,
     layer_norm_backward,
@@ -39,6 +41,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BatchNorm",
+    "LayerNorm",
+    "RMSNorm",
     "available_backends",
     "backends",
     "batch_norm",

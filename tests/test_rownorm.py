@@ -388,3 +388,75 @@ def test_backend_without_row_kernels_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(_pipeline._default_backend, "numpy", Bare)
     with pytest.raises(TypeError, match="backend 'bare' has no layer_norm kernels"):
         fastbn.layer_norm(_x(), 5)
+
+
+# --------------------------------------------------------------------------- layers
+@pytest.mark.parametrize("affine, bias", [(True, True), (True, False), (False, True)])
+def test_layer_norm_layer_matches_torch_module(affine, bias):
+    g = torch.Generator().manual_seed(3)
+    tm = torch.nn.LayerNorm((3, 4), elementwise_affine=affine, bias=bias)
+    if affine:
+        with torch.no_grad():
+            tm.weight.uniform_(0.5, 1.5, generator=g)
+            if bias:
+                tm.bias.normal_(generator=g)
+    fm = fastbn.LayerNorm((3, 4), elementwise_affine=affine, bias=bias)
+    fm.load_state_dict(tm.state_dict())
+    assert sorted(fm.state_dict()) == sorted(tm.state_dict())
+    x = torch.randn(5, 3, 4, generator=g)
+    dy = torch.randn(5, 3, 4, generator=g)
+    xt = x.clone().requires_grad_(True)
+    yt = tm(xt)
+    yt.backward(dy)
+    y = fm(x.numpy())
+    dx = fm.backward(dy.numpy())
+    tol = dict(rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(y), yt.detach(), **tol)
+    torch.testing.assert_close(torch.from_numpy(dx), xt.grad, **tol)
+    if affine:
+        torch.testing.assert_close(torch.from_numpy(fm.grad_weight), tm.weight.grad, **tol)
+        if bias:
+            torch.testing.assert_close(torch.from_numpy(fm.grad_bias), tm.bias.grad, **tol)
+        else:
+            assert fm.grad_bias is None
+    else:
+        assert fm.grad_weight is None and fm.state_dict() == {}
+
+
+def test_rms_norm_layer_matches_torch_module():
+    g = torch.Generator().manual_seed(4)
+    tm = torch.nn.RMSNorm(6)
+    with torch.no_grad():
+        tm.weight.uniform_(0.5, 1.5, generator=g)
+    fm = fastbn.RMSNorm(6)
+    fm.load_state_dict(tm.state_dict())
+    x, dy = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g)
+    xt = x.clone().requires_grad_(True)
+    tm(xt).backward(dy)
+    y = fm(x.numpy())
+    dx = fm.backward(dy.numpy())
+    torch.testing.assert_close(torch.from_numpy(y), tm(x).detach(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(dx), xt.grad, rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.from_numpy(fm.grad_weight), tm.weight.grad, rtol=0, atol=1e-5)
+
+
+def test_layer_errors_change_nothing():
+    ln = fastbn.LayerNorm(4)
+    before = ln.state_dict()
+    with pytest.raises(ValueError, match=r"weight must have shape \(4,\)"):
+        ln.load_state_dict({"weight": np.ones(3), "bias": np.zeros(4)})
+    with pytest.raises(KeyError, match="missing keys"):
+        ln.load_state_dict({"weight": np.ones(4)})
+    with pytest.raises(TypeError, match="mapping"):
+        ln.load_state_dict([("weight", np.ones(4))])
+    assert all(np.array_equal(before[k], v) for k, v in ln.state_dict().items())
+    with pytest.raises(RuntimeError, match="forward pass first"):
+        ln.backward(np.ones((2, 4), np.float32))
+    with pytest.raises(ValueError, match="trailing dimensions"):
+        ln(np.ones((2, 5), np.float32))
+    with pytest.raises(TypeError, match="dtype must be float32 or float64"):
+        fastbn.LayerNorm(4, dtype="int32")
+    with pytest.raises(ValueError, match="eps"):
+        fastbn.RMSNorm(4, eps=-1.0)
+    with pytest.raises(ValueError, match="normalized_shape"):
+        fastbn.LayerNorm(())
