@@ -34,7 +34,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from .backends import stats_dtype  # the shared rule: float16 data, float32 statistics
 
-__all__ = ["batch_norm"]
+__all__ = ["batch_norm", "layer_norm", "rms_norm"]
 
 _SUPPORTED_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
@@ -268,3 +268,163 @@ def batch_norm(x, weight=None, bias=None, *, axis=1, eps=1e-5):
     weight = _check_param("weight", weight, c, x.dtype)
     bias = _check_param("bias", bias, c, x.dtype)
     return _batch_norm(x, weight, bias, axis, float(eps))
+
+
+# ---------------------------------------------------------------------------------------
+# Layer norm and RMS norm: the same pattern, rows of the trailing normalized dimensions
+# ---------------------------------------------------------------------------------------
+def _host_rows_forward(x, weight, bias, *, ns, eps, op):
+    import fastbn
+
+    x, weight = _host(x), _host(weight)
+    sdt = stats_dtype(x.dtype)
+    if op == "layer_norm":
+        y, mean, rstd = fastbn.layer_norm_forward(x, ns, weight, _host(bias), eps)
+    else:
+        y, rstd = fastbn.rms_norm_forward(x, ns, weight, eps)
+        mean = np.zeros(rstd.shape, sdt)
+    return np.asarray(y, x.dtype), np.asarray(mean, sdt), np.asarray(rstd, sdt)
+
+
+def _host_rows_backward(dy, x, mean, rstd, weight, *, ns, op):
+    import fastbn
+
+    x = _host(x)
+    sdt = stats_dtype(x.dtype)
+    if op == "layer_norm":
+        dx, dw, db = fastbn.layer_norm_backward(_host(dy), x, _host(mean), _host(rstd), ns,
+                                                _host(weight))
+    else:
+        dx, dw = fastbn.rms_norm_backward(_host(dy), x, _host(rstd), ns, _host(weight))
+        db = np.zeros(ns, sdt)
+    return np.asarray(dx, x.dtype), np.asarray(dw, sdt), np.asarray(db, sdt)
+
+
+def _rows_forward_call(x, weight, bias, ns, eps, op):
+    sdt = stats_dtype(x.dtype)
+    lead = x.shape[:x.ndim - len(ns)]
+    shapes = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(lead, sdt),
+              jax.ShapeDtypeStruct(lead, sdt))
+    return jax.pure_callback(functools.partial(_host_rows_forward, ns=ns, eps=eps, op=op),
+                             shapes, x, weight.astype(sdt), bias.astype(sdt),
+                             vmap_method="sequential")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _rows(x, weight, bias, ns, eps, op):
+    return _rows_forward_call(x, weight, bias, ns, eps, op)[0]
+
+
+def _rows_fwd(x, weight, bias, ns, eps, op):
+    x, weight, bias = x.value, weight.value, bias.value
+    y, mean, rstd = _rows_forward_call(x, weight, bias, ns, eps, op)
+    return y, (x, weight, bias, mean, rstd)
+
+
+def _rows_bwd(ns, eps, op, residuals, ct_y):
+    x, weight, bias, mean, rstd = residuals
+    sdt = stats_dtype(x.dtype)
+    if isinstance(ct_y, SymbolicZero):
+        return jnp.zeros_like(x), jnp.zeros_like(weight), jnp.zeros_like(bias)
+    dx, dw, db = jax.pure_callback(
+        functools.partial(_host_rows_backward, ns=ns, op=op),
+        (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(ns, sdt),
+         jax.ShapeDtypeStruct(ns, sdt)),
+        ct_y.astype(x.dtype), x, mean, rstd, weight.astype(sdt), vmap_method="sequential")
+    return dx, dw.astype(weight.dtype), db.astype(bias.dtype)
+
+
+_rows.defvjp(_rows_fwd, _rows_bwd, symbolic_zeros=True)
+
+
+def _rows_args(x, normalized_shape, params):
+    """Checked x, normalized shape and parameters (None: ones and zeros)."""
+    from . import _validation
+
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"x must be a JAX array, got {type(x).__name__}")
+    if np.dtype(x.dtype) not in _SUPPORTED_DTYPES:
+        raise TypeError(f"x must have dtype float16, float32 or float64, got {x.dtype}")
+    x = jnp.asarray(x)
+    ns = _validation.check_normalized_shape(normalized_shape, x.shape)
+    sdt = stats_dtype(x.dtype)
+    out = []
+    for name, p, fill in params:
+        if p is None:
+            out.append(jnp.full(ns, fill, sdt))
+            continue
+        if not hasattr(p, "shape") or not hasattr(p, "dtype"):
+            raise TypeError(f"{name} must be an array or None, got {type(p).__name__}")
+        if np.dtype(p.dtype) not in _SUPPORTED_DTYPES:
+            raise TypeError(f"{name} must have dtype float16, float32 or float64, got {p.dtype}")
+        if tuple(p.shape) != ns:
+            raise ValueError(f"{name} must have shape {ns}, got {tuple(p.shape)}")
+        out.append(jnp.asarray(p))
+    return x, ns, out
+
+
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """Layer normalization of a JAX array with fastbn's CPU kernels (torch's semantics).
+
+    Usable inside :func:`jax.jit`, differentiable with :func:`jax.grad` (first order) with
+    respect to `x`, `weight` and `bias`, mappable with :func:`jax.vmap`.
+
+    Parameters
+    ----------
+    x : jax.Array
+        float16, float32 or float64.
+    normalized_shape : int or tuple of int
+        The trailing dimensions normalized together.
+    weight, bias : jax.Array or None
+        Shape `normalized_shape`; None means 1 and 0.
+    eps : float
+        Added to the variance; ``>= 0``.
+
+    Returns
+    -------
+    jax.Array
+        Same shape and dtype as `x`.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp, fastbn.jax
+    >>> fastbn.jax.layer_norm(jnp.array([[1.0, 2.0, 3.0]]), 3, eps=0.0).round(4)
+    Array([[-1.2247,  0.    ,  1.2247]], dtype=float32)
+    """
+    from . import _validation
+
+    eps = _validation.check_eps(eps)
+    x, ns, (w, b) = _rows_args(x, normalized_shape, (("weight", weight, 1.0), ("bias", bias, 0.0)))
+    return _rows(x, w, b, ns, eps, "layer_norm")
+
+
+def rms_norm(x, normalized_shape, weight=None, eps=None):
+    """RMS normalization of a JAX array with fastbn's CPU kernels (torch's semantics).
+
+    Parameters
+    ----------
+    x : jax.Array
+        float16, float32 or float64.
+    normalized_shape : int or tuple of int
+        The trailing dimensions normalized together.
+    weight : jax.Array or None
+        Shape `normalized_shape`; None means 1.
+    eps : float or None
+        Added to the mean square; None means ``finfo(x.dtype).eps``.
+
+    Returns
+    -------
+    jax.Array
+        Same shape and dtype as `x`; jit, grad and vmap as :func:`layer_norm`.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp, fastbn.jax
+    >>> fastbn.jax.rms_norm(jnp.array([[2.0, -2.0]]), 2, eps=0.0)
+    Array([[ 1., -1.]], dtype=float32)
+    """
+    from . import _validation
+
+    x, ns, (w, b) = _rows_args(x, normalized_shape, (("weight", weight, 1.0), ("bias", None, 0.0)))
+    eps = float(np.finfo(np.dtype(x.dtype)).eps) if eps is None else _validation.check_eps(eps)
+    return _rows(x, w, b, ns, eps, "rms_norm")

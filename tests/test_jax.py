@@ -209,3 +209,62 @@ def test_errors_name_the_argument():
         fj.batch_norm(jnp.ones(5))
     with pytest.raises(ValueError, match="more than 1 value per feature"):
         fj.batch_norm(jnp.ones((1, 3)))
+
+
+# ---------------------------------------------------------------------------------------
+# Layer norm and RMS norm
+# ---------------------------------------------------------------------------------------
+def jnp_layer_norm(x, ns, w, b, eps=1e-5):
+    dims = tuple(range(x.ndim - len(ns), x.ndim))
+    m = x.mean(dims, keepdims=True)
+    v = ((x - m) ** 2).mean(dims, keepdims=True)
+    return (x - m) / jnp.sqrt(v + eps) * w + b
+
+
+def jnp_rms_norm(x, ns, w, eps):
+    dims = tuple(range(x.ndim - len(ns), x.ndim))
+    return x / jnp.sqrt((x * x).mean(dims, keepdims=True) + eps) * w
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape, ns", [((6, 8), (8,)), ((2, 3, 4, 5), (4, 5))], ids=str)
+def test_row_norms_values_and_gradients_under_jit(shape, ns, dtype):
+    with _x64(dtype):
+        _check_row_norms(shape, ns, dtype)
+
+
+def _check_row_norms(shape, ns, dtype):
+    rng = np.random.default_rng(5)
+    x = jnp.asarray((rng.standard_normal(shape) * 2 + 0.5).astype(dtype))
+    w = jnp.asarray(rng.uniform(0.5, 1.5, ns).astype(dtype))
+    b = jnp.asarray(rng.standard_normal(ns).astype(dtype))
+    probe = jnp.asarray(rng.standard_normal(shape).astype(dtype))  # a non-trivial loss
+    tol = rel_tol(dtype, math.prod(ns))
+    cases = [(lambda x, w, b: fj.layer_norm(x, ns, w, b), lambda x, w, b: jnp_layer_norm(x, ns, w, b)),
+             (lambda x, w, b: fj.rms_norm(x, ns, w, 1e-6) + b, lambda x, w, b: jnp_rms_norm(x, ns, w, 1e-6) + b)]
+    for fast, oracle in cases:
+        assert_close(jax.jit(fast)(x, w, b), oracle(x, w, b), tol, what="y")
+        grads = jax.jit(jax.grad(lambda *a, f=fast: (f(*a) * probe).sum(), (0, 1, 2)))(x, w, b)
+        want = jax.grad(lambda *a, f=oracle: (f(*a) * probe).sum(), (0, 1, 2))(x, w, b)
+        for got, exp, name in zip(grads, want, ("dx", "dweight", "dbias")):
+            assert_close(got, exp, tol * 4, what=name)
+
+
+def test_row_norms_vmap_and_defaults():
+    x = jnp.asarray(np.random.default_rng(6).standard_normal((3, 4, 6)).astype(np.float32))
+    got = jax.vmap(lambda xi: fj.layer_norm(xi, 6))(x)
+    assert_close(got, jnp_layer_norm(x, (6,), 1.0, 0.0), rel_tol(np.float32, 6), what="vmap")
+    eps = float(np.finfo(np.float32).eps)
+    assert_close(fj.rms_norm(x, 6), jnp_rms_norm(x, (6,), 1.0, eps), rel_tol(np.float32, 6))
+
+
+def test_row_norm_errors():
+    x = jnp.ones((2, 3))
+    with pytest.raises(ValueError, match="trailing dimensions"):
+        fj.layer_norm(x, 4)
+    with pytest.raises(ValueError, match=r"weight must have shape \(3,\)"):
+        fj.layer_norm(x, 3, jnp.ones(2))
+    with pytest.raises(TypeError, match="x must have dtype"):
+        fj.rms_norm(jnp.ones((2, 3), jnp.int32), 3)
+    with pytest.raises(ValueError, match="eps"):
+        fj.layer_norm(x, 3, eps=-1.0)
