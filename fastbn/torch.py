@@ -53,7 +53,7 @@ from . import functional as _api
 from ._layout import restore as _restore
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormError", "BatchNormTypeError",
-           "batch_norm", "convert"]
+           "LayerNorm", "RMSNorm", "batch_norm", "convert", "layer_norm", "rms_norm"]
 
 _REDUCED = (torch.float16, torch.bfloat16)
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -1186,7 +1186,8 @@ def _rebuilt(module: torch.nn.Module, cls) -> torch.nn.Module:
 
 
 def convert(model: torch.nn.Module) -> torch.nn.Module:
-    """Swap every :class:`torch.nn.BatchNorm1d`/``2d``/``3d`` in `model` for fastbn's.
+    """Swap every :class:`torch.nn.BatchNorm1d`/``2d``/``3d``, :class:`torch.nn.LayerNorm`
+    and :class:`torch.nn.RMSNorm` in `model` for fastbn's.
 
     The replacements share the original modules' parameters and buffers (the same
     tensor objects: weights, running statistics and ``num_batches_tracked`` are kept,
@@ -1220,13 +1221,23 @@ def convert(model: torch.nn.Module) -> torch.nn.Module:
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if type(model) in _REPLACEMENTS:
-        return _rebuilt(model, _REPLACEMENTS[type(model)])
+    swap = _swap(model)
+    if swap is not None:
+        return swap
     for parent in list(model.modules()):
         for name, child in list(parent._modules.items()):
-            if child is not None and type(child) in _REPLACEMENTS:
-                parent._modules[name] = _rebuilt(child, _REPLACEMENTS[type(child)])
+            swap = None if child is None else _swap(child)
+            if swap is not None:
+                parent._modules[name] = swap
     return model
+
+
+def _swap(module):
+    """fastbn's replacement for `module` (sharing its parameters and buffers), or None."""
+    if type(module) in _REPLACEMENTS:
+        return _rebuilt(module, _REPLACEMENTS[type(module)])
+    rows = _ROW_REPLACEMENTS.get(type(module))
+    return None if rows is None else rows[1](module, rows[0])
 
 
 def _as_torch_modules(method):
@@ -1261,3 +1272,8 @@ def _register_fusers() -> None:
 
 
 _register_fusers()
+
+
+# Layer norm and RMS norm (fastbn/_torch_rows.py), re-exported here.
+from ._torch_rows import REPLACEMENTS as _ROW_REPLACEMENTS  # noqa: E402
+from ._torch_rows import LayerNorm, RMSNorm, layer_norm, rms_norm  # noqa: E402, F401

@@ -21,6 +21,7 @@ A naive E[x^2] - E[x]^2 in float32 has an error of order u_s r^2 in the variance
 r = 1e4 that is 6 (600 %), far outside these bounds; the data reach r = 1e4.
 """
 
+import copy
 import math
 
 import ml_dtypes
@@ -460,3 +461,63 @@ def test_layer_errors_change_nothing():
         fastbn.RMSNorm(4, eps=-1.0)
     with pytest.raises(ValueError, match="normalized_shape"):
         fastbn.LayerNorm(())
+
+
+# --------------------------------------------------------------------------- fastbn.torch
+ft = pytest.importorskip("fastbn.torch")
+
+
+def test_torch_modules_match_and_convert_swaps():
+    g = torch.Generator().manual_seed(7)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.ReLU(),
+                                torch.nn.Linear(8, 8), torch.nn.RMSNorm(8))
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5, generator=g)
+        model[1].bias.normal_(generator=g)
+        model[4].weight.uniform_(0.5, 1.5, generator=g)
+    ref = copy.deepcopy(model)
+    params = [model[1].weight, model[4].weight]
+    ft.convert(model)
+    assert type(model[1]) is ft.LayerNorm and type(model[4]) is ft.RMSNorm
+    assert model[1].weight is params[0] and model[4].weight is params[1]  # shared, not copied
+    assert model.state_dict().keys() == ref.state_dict().keys()
+    x = torch.randn(16, 8, generator=g)
+    for m in (model, ref):
+        m.zero_grad()
+        out = m(x)
+        out.relu_()  # in place after the layer: outputs are fresh tensors
+        out.square().sum().backward()
+    torch.testing.assert_close(model(x), ref(x), rtol=0, atol=1e-5)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_torch_gradcheck_and_gradgradcheck(op):
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(4, 3, 5, dtype=torch.float64, generator=g).requires_grad_(True)
+    w = (torch.rand(3, 5, dtype=torch.float64, generator=g) + 0.5).requires_grad_(True)
+    b = torch.randn(3, 5, dtype=torch.float64, generator=g).requires_grad_(True)
+    if op == "layer_norm":
+        fn, args = (lambda x, w, b: ft.layer_norm(x, (3, 5), w, b)), (x, w, b)
+    else:
+        fn, args = (lambda x, w: ft.rms_norm(x, (3, 5), w, 1e-6)), (x, w)
+    assert torch.autograd.gradcheck(fn, args)
+    assert torch.autograd.gradgradcheck(fn, args)
+
+
+def test_torch_bfloat16_forward_and_errors():
+    x = torch.randn(6, 32, dtype=torch.bfloat16)
+    m = torch.nn.LayerNorm(32)
+    want = torch.nn.functional.layer_norm(x.float(), (32,)).to(torch.bfloat16)
+    got = ft.LayerNorm(32)(x)
+    assert got.dtype == torch.bfloat16
+    # both round a float32 result once to bfloat16: at most one bfloat16 ulp apart
+    torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=2**-7)
+    del m
+    with pytest.raises(NotImplementedError, match="CPU tensors only"):
+        ft.layer_norm(torch.empty(2, 3, device="meta"), 3)
+    with pytest.raises(TypeError, match="input must be a torch.Tensor"):
+        ft.rms_norm(np.ones((2, 3)), 3)
+    with pytest.raises(ValueError, match="trailing dimensions"):
+        ft.layer_norm(torch.ones(2, 3), 4)

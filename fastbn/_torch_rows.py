@@ -1,0 +1,264 @@
+"""Layer norm and RMS norm for torch tensors on fastbn's CPU kernels (part of
+:mod:`fastbn.torch`, which re-exports the public names).
+
+The eager path mirrors batch norm's: without gradients to record the kernels are called
+directly; otherwise an :class:`torch.autograd.Function` whose backward runs the kernels'
+backward, or, when the backward itself must be differentiable (``create_graph=True``,
+``gradgradcheck``), the same formulas in torch operations with the statistics recomputed
+from the input, whose own derivatives give the higher orders. Outputs are fresh,
+C-contiguous tensors (torch's layer norm returns contiguous outputs too).
+
+CUDA tensors are refused with a clear error: fastbn has no GPU row-norm kernels yet.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import rownorm as _rows
+
+__all__ = ["LayerNorm", "RMSNorm", "layer_norm", "rms_norm"]
+
+
+def _ns(normalized_shape) -> tuple:
+    if isinstance(normalized_shape, int):
+        return (normalized_shape,)
+    return tuple(normalized_shape)
+
+
+def _check(input, weight, bias, what):
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+    for name, t in (("input", input), ("weight", weight), ("bias", bias)):
+        if t is not None and t.device.type != "cpu":
+            raise NotImplementedError(
+                f"{name} is on device {t.device}: fastbn has {what} kernels for CPU tensors "
+                "only (its GPU row-norm kernels are not written yet); use torch's module there")
+
+
+def _np(t):
+    from .torch import _np_view
+
+    return None if t is None else _np_view(t.contiguous())
+
+
+def _tensor(a):
+    from .torch import _np_tensor
+
+    return _np_tensor(np.ascontiguousarray(a))
+
+
+def _needs_graph(*ts) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+def _higher_order(grad) -> bool:
+    from .torch import _higher_order as h
+
+    return h(grad)
+
+
+# --------------------------------------------------------------------------- layer norm
+def _dims(x, ns):
+    k = len(ns)
+    return tuple(range(x.dim() - k, x.dim())), tuple(range(x.dim() - k))
+
+
+def _sdt(dtype):
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _ln_composite_backward(dy, x, ns, weight, bias, eps):
+    """The layer-norm backward in torch operations, statistics recomputed from `x`: its own
+    derivatives (autograd's) give the double backward."""
+    dims, lead = _dims(x, ns)
+    sdt = _sdt(x.dtype)
+    xs, d = x.to(sdt), dy.to(sdt)
+    mean = xs.mean(dims, keepdim=True)
+    rstd = torch.rsqrt(((xs - mean) ** 2).mean(dims, keepdim=True) + eps)
+    xhat = (xs - mean) * rstd
+    g = d if weight is None else d * weight.to(sdt)
+    dx = rstd * (g - g.mean(dims, keepdim=True) - xhat * (g * xhat).mean(dims, keepdim=True))
+    dw = None if weight is None else (d * xhat).sum(lead).to(weight.dtype)
+    db = None if bias is None else d.sum(lead).to(bias.dtype)
+    return dx.to(x.dtype), dw, db
+
+
+class _LayerNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, ns, eps):
+        y, mean, rstd = _rows.layer_norm_forward(_np(x), ns, _np(weight), _np(bias), eps)
+        ctx.save_for_backward(x, weight, bias, _tensor(mean), _tensor(rstd))
+        ctx.ns, ctx.eps = ns, eps
+        return _tensor(y)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        ns, eps = ctx.ns, ctx.eps
+        need = ctx.needs_input_grad
+        if _higher_order(dy):
+            dx, dw, db = _ln_composite_backward(dy, x, ns, weight, bias, eps)
+        else:
+            w = _np(weight) if weight is not None else None
+            dx, dw, db = _rows.layer_norm_backward(_np(dy), _np(x), _np(mean), _np(rstd), ns,
+                                                   w if w is not None else None)
+            dx = _tensor(dx)
+            dw = None if dw is None else _tensor(dw).to(weight.dtype)
+            db = None if (db is None or bias is None) else _tensor(db).to(bias.dtype)
+            if weight is None and bias is not None and need[2]:
+                # no weight: the kernels skip the affine gradients; db = sum of dy over rows
+                db = dy.sum(_dims(dy, ns)[1]).to(bias.dtype)
+        return (dx if need[0] else None, dw if need[1] else None, db if need[2] else None,
+                None, None)
+
+
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """:func:`torch.nn.functional.layer_norm` on fastbn's CPU kernels.
+
+    Parameters
+    ----------
+    input : torch.Tensor
+        A CPU tensor, float16, bfloat16, float32 or float64, any layout.
+    normalized_shape : int or sequence of int
+        The trailing dimensions normalized together.
+    weight, bias : torch.Tensor or None
+        Shape `normalized_shape`.
+    eps : float
+        Added to the variance.
+
+    Returns
+    -------
+    torch.Tensor
+        A fresh, contiguous tensor; differentiable with respect to `input`, `weight` and
+        `bias` (to any order).
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`fastbn.layer_norm`.
+    NotImplementedError
+        For CUDA (or other non-CPU) tensors.
+    """
+    _check(input, weight, bias, "layer-norm")
+    ns = _ns(normalized_shape)
+    if _needs_graph(input, weight, bias):
+        return _LayerNormFn.apply(input, weight, bias, ns, float(eps))
+    y = _rows.layer_norm(_np(input), ns, _np(weight), _np(bias), eps)
+    return _tensor(y)
+
+
+# --------------------------------------------------------------------------- RMS norm
+def _rms_eps(eps, dtype):
+    return torch.finfo(dtype).eps if eps is None else float(eps)
+
+
+def _rms_composite_backward(dy, x, ns, weight, eps):
+    """The RMS-norm backward in torch operations (see :func:`_ln_composite_backward`)."""
+    dims, lead = _dims(x, ns)
+    sdt = _sdt(x.dtype)
+    xs, d = x.to(sdt), dy.to(sdt)
+    rstd = torch.rsqrt((xs * xs).mean(dims, keepdim=True) + eps)
+    g = d if weight is None else d * weight.to(sdt)
+    dx = rstd * g - xs * rstd**3 * (g * xs).mean(dims, keepdim=True)
+    dw = None if weight is None else (d * xs * rstd).sum(lead).to(weight.dtype)
+    return dx.to(x.dtype), dw
+
+
+class _RMSNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, ns, eps):
+        y, rstd = _rows.rms_norm_forward(_np(x), ns, _np(weight), eps)
+        ctx.save_for_backward(x, weight, _tensor(rstd))
+        ctx.ns, ctx.eps = ns, eps
+        return _tensor(y)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        ns, eps = ctx.ns, ctx.eps
+        need = ctx.needs_input_grad
+        if _higher_order(dy):
+            dx, dw = _rms_composite_backward(dy, x, ns, weight, eps)
+        else:
+            dx, dw = _rows.rms_norm_backward(_np(dy), _np(x), _np(rstd), ns, _np(weight))
+            dx = _tensor(dx)
+            dw = None if dw is None else _tensor(dw).to(weight.dtype)
+        return dx if need[0] else None, dw if need[1] else None, None, None
+
+
+def rms_norm(input, normalized_shape, weight=None, eps=None):
+    """:func:`torch.nn.functional.rms_norm` on fastbn's CPU kernels.
+
+    Parameters
+    ----------
+    input : torch.Tensor
+        A CPU tensor, float16, bfloat16, float32 or float64.
+    normalized_shape : int or sequence of int
+        The trailing dimensions normalized together.
+    weight : torch.Tensor or None
+        Shape `normalized_shape`.
+    eps : float or None
+        Added to the mean square; None means ``torch.finfo(input.dtype).eps``.
+
+    Returns
+    -------
+    torch.Tensor
+        A fresh, contiguous tensor, differentiable to any order.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`fastbn.rms_norm`.
+    NotImplementedError
+        For non-CPU tensors.
+    """
+    _check(input, weight, None, "RMS-norm")
+    ns = _ns(normalized_shape)
+    eps = _rms_eps(eps, input.dtype)
+    if _needs_graph(input, weight):
+        return _RMSNormFn.apply(input, weight, ns, eps)
+    return _tensor(_rows.rms_norm(_np(input), ns, _np(weight), eps))
+
+
+# --------------------------------------------------------------------------- modules
+class LayerNorm(torch.nn.LayerNorm):
+    """:class:`torch.nn.LayerNorm` on fastbn's CPU kernels (same parameters, state and
+    semantics; see :func:`layer_norm`)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    """:class:`torch.nn.RMSNorm` on fastbn's CPU kernels (see :func:`rms_norm`)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return rms_norm(input, self.normalized_shape, self.weight, self.eps)
+
+
+def _rebuilt_layer_norm(module, cls):
+    new = cls(module.normalized_shape, eps=module.eps,
+              elementwise_affine=module.elementwise_affine,
+              bias=module.bias is not None, device="meta")
+    new.weight, new.bias = module.weight, module.bias  # the same Parameters
+    new.train(module.training)
+    return new
+
+
+def _rebuilt_rms_norm(module, cls):
+    new = cls(module.normalized_shape, eps=module.eps,
+              elementwise_affine=module.elementwise_affine, device="meta")
+    new.weight = module.weight
+    new.train(module.training)
+    return new
+
+
+#: torch class -> (fastbn class, how to rebuild one sharing the module's parameters)
+REPLACEMENTS = {torch.nn.LayerNorm: (LayerNorm, _rebuilt_layer_norm),
+                torch.nn.RMSNorm: (RMSNorm, _rebuilt_rms_norm)}
