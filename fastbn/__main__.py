@@ -187,6 +187,21 @@ def _warmup_dtypes(cpu) -> list:
     return [*cpu.dtypes, *extra]
 
 
+def _selected_dtypes(cpu, args) -> list:
+    """The dtypes to warm up: ``--dtypes`` (checked against what the backend takes), or all."""
+    every = _warmup_dtypes(cpu)
+    names = getattr(args, "dtypes", None)
+    if not names:
+        return every
+    by_name = {str(np.dtype(d)): d for d in every}
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in by_name]
+    if unknown:
+        raise SystemExit(f"fastbn warmup: unknown --dtypes {', '.join(unknown)}; "
+                         f"choose from {', '.join(by_name)}")
+    return [by_name[n] for n in wanted]
+
+
 def cmd_warmup(args) -> int:
     """Compile (or load from the cache) every CPU kernel; print where the cache is."""
     import fastbn
@@ -197,7 +212,7 @@ def cmd_warmup(args) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         rng = np.random.default_rng(0)
-        for dtype in _warmup_dtypes(cpu):
+        for dtype in _selected_dtypes(cpu, args):
             sdt = cpu.stats_dtype(dtype)
             for shape, axis in _warmup_shapes(getattr(cpu, "SERIAL_MAX", 1 << 16)):
                 x = rng.standard_normal(shape).astype(dtype)
@@ -235,7 +250,7 @@ def cmd_warmup(args) -> int:
         n_files = sum(1 for f in os.listdir(cache_dir)
                       if f.startswith(prefixes) and f.endswith((".nbi", ".nbc")))
     print(f"warmed up fastbn's CPU kernels in {elapsed:.1f} s "
-          f"(batch, layer and RMS norm; dtypes {', '.join(str(np.dtype(d)) for d in _warmup_dtypes(cpu))}; "
+          f"(batch, layer and RMS norm; dtypes {', '.join(str(np.dtype(d)) for d in _selected_dtypes(cpu, args))}; "
           f"channels-first and channels-last; serial and parallel)")
     print(f"  {hits} kernel signatures loaded from the cache, {misses} compiled now")
     print(f"Numba cache ({where}): {cache_dir}  ({n_files} cache files of fastbn's CPU kernels)")
@@ -334,7 +349,10 @@ def main(argv=None) -> int:
     demo.add_argument("--dtype", default="float32", choices=["float16", "float32", "float64"])
     demo.add_argument("--axis", type=int, default=1, help="feature axis (default 1; -1 for NHWC)")
     demo.add_argument("--repeat", type=int, default=10, help="timed repetitions (best is shown)")
-    sub.add_parser("warmup", help="compile all CPU kernels into the Numba cache; print where it is")
+    warm = sub.add_parser("warmup", help="compile all CPU kernels into the Numba cache; print where it is")
+    warm.add_argument("--dtypes", default=None,
+                      help="comma-separated data dtypes to compile for (default: all the CPU "
+                           "backend takes, e.g. float16,float32,float64,bfloat16)")
     sub.add_parser("info", help="backends, threading layer, versions")
     args = parser.parse_args(argv)
     if args.command is None:

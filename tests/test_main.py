@@ -43,7 +43,9 @@ def test_unknown_command_is_a_usage_error(capsys):
 
 @pytest.mark.slow
 def test_warmup_fills_the_cache(tmp_path):
-    env_cmd = [sys.executable, "-m", "fastbn", "warmup"]
+    # one dtype keeps this test to a quarter of a full warmup's compile time; every
+    # kernel family and layout is still compiled (the dtype is a signature, not a path)
+    env_cmd = [sys.executable, "-m", "fastbn", "warmup", "--dtypes", "float32"]
     import os
 
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
@@ -53,3 +55,10 @@ def test_warmup_fills_the_cache(tmp_path):
     second = subprocess.run(env_cmd, capture_output=True, text=True, env=env, timeout=900)
     assert second.returncode == 0, second.stderr
     assert " 0 compiled now" in second.stdout  # everything came from the cache
+
+
+def test_warmup_rejects_unknown_dtypes():
+    out = subprocess.run([sys.executable, "-m", "fastbn", "warmup", "--dtypes", "int8"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "unknown --dtypes int8" in out.stderr
