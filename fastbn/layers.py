@@ -58,6 +58,18 @@ def _num_batches(value) -> int:
     return n
 
 
+def _check_state_keys(state_dict, strict, expected) -> None:
+    """``load_state_dict``'s checks of the mapping and, with `strict`, of its keys."""
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a mapping (e.g. a dict) from names to arrays, "
+                        f"got {type(state_dict).__name__}")
+    if v.check_bool("strict", strict):
+        missing = [k for k in expected if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in expected]
+        if missing or unexpected:
+            raise KeyError(f"state_dict mismatch: missing keys {missing}, unexpected keys {unexpected}")
+
+
 class BatchNorm:
     """Batch normalization layer with ``torch.nn.BatchNorm*d``'s state and semantics.
 
@@ -369,18 +381,10 @@ class BatchNorm:
         ValueError
             If an entry has the wrong shape, or ``num_batches_tracked`` is negative.
         """
-        if not isinstance(state_dict, Mapping):
-            raise TypeError(f"state_dict must be a mapping (e.g. a dict) from names to arrays, "
-                            f"got {type(state_dict).__name__}")
-        strict = v.check_bool("strict", strict)
         expected = [k for k in _STATE_KEYS
                     if (k in ("weight", "bias") and self.affine)
                     or (k not in ("weight", "bias") and self.track_running_stats)]
-        if strict:
-            missing = [k for k in expected if k not in state_dict]
-            unexpected = [k for k in state_dict if k not in expected]
-            if missing or unexpected:
-                raise KeyError(f"state_dict mismatch: missing keys {missing}, unexpected keys {unexpected}")
+        _check_state_keys(state_dict, strict, expected)
         xp = self.xp
         new = {}
         for key in expected:

@@ -9,13 +9,17 @@
 from __future__ import annotations
 
 import numbers
-from collections.abc import Mapping
 
 import numpy as np
 
 from . import _validation as v
-from .layers import _host_array
-from .rownorm import layer_norm_backward, layer_norm_forward, rms_norm_backward, rms_norm_forward
+from .layers import _check_state_keys, _host_array
+from .rownorm import (
+    layer_norm_backward,
+    layer_norm_forward,
+    rms_norm_backward,
+    rms_norm_forward,
+)
 
 __all__ = ["LayerNorm", "RMSNorm"]
 
@@ -94,16 +98,8 @@ class _RowNorm:
         ValueError
             For an entry of another shape than `normalized_shape`.
         """
-        if not isinstance(state_dict, Mapping):
-            raise TypeError(f"state_dict must be a mapping (e.g. a dict) from names to arrays, "
-                            f"got {type(state_dict).__name__}")
-        strict = v.check_bool("strict", strict)
         expected = [k for k in self._keys if getattr(self, k) is not None]
-        if strict:
-            missing = [k for k in expected if k not in state_dict]
-            unexpected = [k for k in state_dict if k not in expected]
-            if missing or unexpected:
-                raise KeyError(f"state_dict mismatch: missing keys {missing}, unexpected keys {unexpected}")
+        _check_state_keys(state_dict, strict, expected)
         new = {}
         for key in expected:
             if key not in state_dict:

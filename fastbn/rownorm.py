@@ -60,6 +60,29 @@ def _rows(arr, ns, xp):
     return arr.reshape(math.prod(lead), math.prod(ns)), lead
 
 
+def _prepare_backward(dy, x, normalized_shape, weight, stats, backend, op):
+    """The backward functions' checks and views: ``(x as an array, wrap, backend,
+    normalized shape, kernel, statistics dtype, x2, dy2, the statistics as the kernels take
+    them, weight)``; `stats` are ``(name, array)`` pairs of the leading shape."""
+    arr, lib, wrap, be, ns = _prepare(x, normalized_shape, backend)
+    d = v.check_like_x("dy", dy, arr, lib)
+    lead = arr.shape[:arr.ndim - len(ns)]
+    checked = []
+    for name, s in stats:
+        s = v.check_shaped(name, s, lead, lib, arr)
+        if s is None:
+            raise TypeError(f"{name} must be the array {op}_forward returned, got None")
+        checked.append(s)
+    w = v.check_shaped("weight", weight, ns, lib, arr)
+    fn = _pipeline.kernel(be, f"{op}_backward")
+    sd = _pipeline.stats_dtype(be, arr.dtype)
+    x2, _ = _rows(arr, ns, be.xp)
+    dy2, _ = _rows(d if d.dtype == arr.dtype else d.astype(arr.dtype), ns, be.xp)
+    r = x2.shape[0]
+    stats2 = [_pipeline.param(s.reshape(-1), 0.0, r, be, sd) for s in checked]
+    return arr, wrap, be, ns, fn, sd, x2, dy2, stats2, w
+
+
 def _fast_vector(p, ns, sd) -> bool:
     return p is None or (type(p) is np.ndarray and p.shape == ns and p.dtype == sd
                          and p.flags.c_contiguous)
@@ -222,28 +245,13 @@ def layer_norm_backward(dy, x, mean, rstd, normalized_shape, weight=None, *, bac
         As :func:`layer_norm_forward`, and for `dy`, `mean` or `rstd` of the wrong shape,
         dtype or library.
     """
-    arr, lib, wrap, be, ns = _prepare(x, normalized_shape, backend)
-    d = v.check_like_x("dy", dy, arr, lib)
-    lead = arr.shape[:arr.ndim - len(ns)]
-    m = v.check_shaped("mean", mean, lead, lib, arr)
-    r = v.check_shaped("rstd", rstd, lead, lib, arr)
-    if m is None or r is None:
-        raise TypeError("mean and rstd must be the arrays layer_norm_forward returned, got None")
-    w = v.check_shaped("weight", weight, ns, lib, arr)
-    fn = _pipeline.kernel(be, "layer_norm_backward")
+    arr, wrap, be, ns, fn, sd, x2, dy2, (m, r), w = _prepare_backward(
+        dy, x, normalized_shape, weight, (("mean", mean), ("rstd", rstd)), backend, "layer_norm")
     xp = be.xp
-    sd = _pipeline.stats_dtype(be, arr.dtype)
-    x2, _ = _rows(arr, ns, xp)
-    if d.dtype != arr.dtype:
-        d = d.astype(arr.dtype)
-    dy2, _ = _rows(d, ns, xp)
     if x2.size == 0:
         dx2, dw, db = xp.empty(x2.shape, arr.dtype), xp.zeros(ns, sd), xp.zeros(ns, sd)
     else:
-        n = x2.shape[1]
-        dx2, dw, db = fn(dy2, x2, _pipeline.param(m.reshape(-1), 0.0, x2.shape[0], be, sd),
-                         _pipeline.param(r.reshape(-1), 1.0, x2.shape[0], be, sd),
-                         _vector(w, 1.0, n, be, sd))
+        dx2, dw, db = fn(dy2, x2, m, r, _vector(w, 1.0, x2.shape[1], be, sd))
         dw, db = dw.reshape(ns), db.reshape(ns)
     dx = dx2.reshape(arr.shape)
     if w is None:
@@ -363,25 +371,13 @@ def rms_norm_backward(dy, x, rstd, normalized_shape, weight=None, *, backend=Non
     TypeError, ValueError
         As :func:`layer_norm_backward`.
     """
-    arr, lib, wrap, be, ns = _prepare(x, normalized_shape, backend)
-    d = v.check_like_x("dy", dy, arr, lib)
-    lead = arr.shape[:arr.ndim - len(ns)]
-    r = v.check_shaped("rstd", rstd, lead, lib, arr)
-    if r is None:
-        raise TypeError("rstd must be the array rms_norm_forward returned, got None")
-    w = v.check_shaped("weight", weight, ns, lib, arr)
-    fn = _pipeline.kernel(be, "rms_norm_backward")
+    arr, wrap, be, ns, fn, sd, x2, dy2, (r,), w = _prepare_backward(
+        dy, x, normalized_shape, weight, (("rstd", rstd),), backend, "rms_norm")
     xp = be.xp
-    sd = _pipeline.stats_dtype(be, arr.dtype)
-    x2, _ = _rows(arr, ns, xp)
-    if d.dtype != arr.dtype:
-        d = d.astype(arr.dtype)
-    dy2, _ = _rows(d, ns, xp)
     if x2.size == 0:
         dx2, dw = xp.empty(x2.shape, arr.dtype), xp.zeros(ns, sd)
     else:
-        dx2, dw = fn(dy2, x2, _pipeline.param(r.reshape(-1), 1.0, x2.shape[0], be, sd),
-                     _vector(w, 1.0, x2.shape[1], be, sd))
+        dx2, dw = fn(dy2, x2, r, _vector(w, 1.0, x2.shape[1], be, sd))
         dw = dw.reshape(ns)
     dx = dx2.reshape(arr.shape)
     if w is None:

@@ -370,7 +370,7 @@ def test_bad_backward_arguments():
         fastbn.layer_norm_backward(np.ones((4, 4), np.float32), x, mean, rstd, 5)
     with pytest.raises(ValueError, match=r"mean must have shape \(4,\)"):
         fastbn.layer_norm_backward(dy, x, mean[:3], rstd, 5)
-    with pytest.raises(TypeError, match="mean and rstd"):
+    with pytest.raises(TypeError, match="mean must be the array layer_norm_forward returned"):
         fastbn.layer_norm_backward(dy, x, None, rstd, 5)
     with pytest.raises(ValueError, match=r"rstd must have shape \(4,\)"):
         fastbn.rms_norm_backward(dy, x, rstd[:2], 5)

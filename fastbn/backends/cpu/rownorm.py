@@ -175,7 +175,7 @@ def _ln_fwd_serial(x, w, b, eps, y, mean, rstd):
 
 
 @njit(parallel=True, **_OPTS)
-def _ln_fwd_parallel(x, w, b, eps, T, y, mean, rstd):
+def _ln_fwd_parallel(T, x, w, b, eps, y, mean, rstd):
     R, n = x.shape
     xf = x.reshape(x.size)
     yf = y.reshape(y.size)
@@ -191,7 +191,7 @@ def _rms_fwd_serial(x, w, eps, y, rstd):
 
 
 @njit(parallel=True, **_OPTS)
-def _rms_fwd_parallel(x, w, eps, T, y, rstd):
+def _rms_fwd_parallel(T, x, w, eps, y, rstd):
     R, n = x.shape
     xf = x.reshape(x.size)
     yf = y.reshape(y.size)
@@ -222,7 +222,7 @@ def _ln_bwd_serial(dy, x, mean, rstd, w, dx, dw, db):
 
 
 @njit(parallel=True, **_OPTS)
-def _ln_bwd_parallel(dy, x, mean, rstd, w, T, dx, dw, db):
+def _ln_bwd_parallel(T, dy, x, mean, rstd, w, dx, dw, db):
     """Ranges of rows, each with its own float64 partial column sums, merged once."""
     R, n = x.shape
     dyf = dy.reshape(dy.size)
@@ -248,7 +248,7 @@ def _rms_bwd_serial(dy, x, rstd, w, dx, dw):
 
 
 @njit(parallel=True, **_OPTS)
-def _rms_bwd_parallel(dy, x, rstd, w, T, dx, dw):
+def _rms_bwd_parallel(T, dy, x, rstd, w, dx, dw):
     R, n = x.shape
     dyf = dy.reshape(dy.size)
     xf = x.reshape(x.size)
@@ -278,11 +278,16 @@ def _out(shape, dtype, nvalues):
     return np.empty(shape, dtype) if nvalues <= SERIAL_MAX else _buffers.empty(shape, dtype)
 
 
-def _parallel(nvalues) -> bool:
-    """Whether a call of `nvalues` values runs the parallel kernel: not for small calls, nor
-    where the threading layer must not be used (a forked child). True means
-    :func:`fastbn._threading.begin` succeeded: the caller must call ``_threading.end()``."""
-    return nvalues > SERIAL_MAX and _threading.begin()
+def _call(nvalues, serial, parallel, *args):
+    """Run `serial(*args)` for small calls (and where the threading layer must not be used,
+    a forked child), else `parallel(threads, *args)`."""
+    if nvalues <= SERIAL_MAX or not _threading.begin():
+        serial(*args)
+        return
+    try:
+        parallel(_nthreads(), *args)
+    finally:
+        _threading.end()
 
 
 def layer_norm_forward(x2, weight, bias, eps):
@@ -313,13 +318,7 @@ def layer_norm_forward(x2, weight, bias, eps):
         return y.astype(x2.dtype), mean, rstd
     y = _out(x2.shape, xk.dtype, x2.size)
     mean, rstd = np.empty(R, sd), np.empty(R, sd)
-    if not _parallel(x2.size):
-        _ln_fwd_serial(xk, weight, bias, eps, y, mean, rstd)
-    else:
-        try:
-            _ln_fwd_parallel(xk, weight, bias, eps, _nthreads(), y, mean, rstd)
-        finally:
-            _threading.end()
+    _call(x2.size, _ln_fwd_serial, _ln_fwd_parallel, xk, weight, bias, eps, y, mean, rstd)
     return y.view(x2.dtype), mean, rstd
 
 
@@ -354,13 +353,7 @@ def layer_norm_backward(dy2, x2, mean, rstd, weight):
         return dx.astype(x2.dtype), dw, db
     dx = _out(x2.shape, xk.dtype, x2.size)
     dw, db = np.empty(n, sd), np.empty(n, sd)
-    if not _parallel(x2.size):
-        _ln_bwd_serial(dyk, xk, mean, rstd, weight, dx, dw, db)
-    else:
-        try:
-            _ln_bwd_parallel(dyk, xk, mean, rstd, weight, _nthreads(), dx, dw, db)
-        finally:
-            _threading.end()
+    _call(x2.size, _ln_bwd_serial, _ln_bwd_parallel, dyk, xk, mean, rstd, weight, dx, dw, db)
     return dx.view(x2.dtype), dw, db
 
 
@@ -391,13 +384,7 @@ def rms_norm_forward(x2, weight, eps):
         return y.astype(x2.dtype), rstd
     y = _out(x2.shape, xk.dtype, x2.size)
     rstd = np.empty(R, weight.dtype)
-    if not _parallel(x2.size):
-        _rms_fwd_serial(xk, weight, eps, y, rstd)
-    else:
-        try:
-            _rms_fwd_parallel(xk, weight, eps, _nthreads(), y, rstd)
-        finally:
-            _threading.end()
+    _call(x2.size, _rms_fwd_serial, _rms_fwd_parallel, xk, weight, eps, y, rstd)
     return y.view(x2.dtype), rstd
 
 
@@ -430,13 +417,7 @@ def rms_norm_backward(dy2, x2, rstd, weight):
         return dx.astype(x2.dtype), dw
     dx = _out(x2.shape, xk.dtype, x2.size)
     dw = np.empty(n, weight.dtype)
-    if not _parallel(x2.size):
-        _rms_bwd_serial(dyk, xk, rstd, weight, dx, dw)
-    else:
-        try:
-            _rms_bwd_parallel(dyk, xk, rstd, weight, _nthreads(), dx, dw)
-        finally:
-            _threading.end()
+    _call(x2.size, _rms_bwd_serial, _rms_bwd_parallel, dyk, xk, rstd, weight, dx, dw)
     return dx.view(x2.dtype), dw
 
 
