@@ -521,3 +521,27 @@ def test_torch_bfloat16_forward_and_errors():
         ft.rms_norm(np.ones((2, 3)), 3)
     with pytest.raises(ValueError, match="trailing dimensions"):
         ft.layer_norm(torch.ones(2, 3), 4)
+
+
+@pytest.mark.parametrize("dtype", [np.dtype(np.float16), BF16], ids=str)
+def test_half_without_native_conversions(dtype, monkeypatch):
+    """Where the 16-bit conversions are unusable, the row kernels run on a float32 copy and
+    round once more to the 16-bit type: still within the bounds (u_o covers the final
+    rounding; the float32 intermediate adds 2**-24 relative, inside k u_s)."""
+    from fastbn.backends import cpu
+    from fastbn.backends.cpu import rownorm as kernels
+
+    seen = []
+    for name in ("_ln_fwd_serial", "_ln_bwd_serial", "_rms_fwd_serial", "_rms_bwd_serial"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _real=real: (seen.append(a[0].dtype), _real(*a))[1])
+    monkeypatch.setitem(cpu._plan._half_native, dtype.char, False)
+    x, w, b, dy = _make((6,), (40,), dtype, 1.0, 1.0, True, "C", 9)
+    out = fastbn.layer_norm_forward(x, 40, w, b)
+    check_layer_norm_forward(x, (40,), w, b, 1e-5, out)
+    check_layer_norm_backward(dy, x, out[1], out[2], (40,), w,
+                              fastbn.layer_norm_backward(dy, x, out[1], out[2], 40, w))
+    out = fastbn.rms_norm_forward(x, 40, w)
+    check_rms_norm_forward(x, (40,), w, None, out)
+    check_rms_norm_backward(dy, x, out[1], (40,), w, fastbn.rms_norm_backward(dy, x, out[1], 40, w))
+    assert seen == [np.dtype(np.float32)] * 4  # the float32 kernels ran
