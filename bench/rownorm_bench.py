@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import os
 import statistics
@@ -39,6 +38,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import machine
 from render import fmt_time
+from timing import time_block
 
 import fastbn
 
@@ -51,15 +51,7 @@ def _block(fn, target_s):
     t0 = time.perf_counter()
     fn()
     one = max(time.perf_counter() - t0, 1e-7)
-    reps = max(1, int(target_s / one))
-    gc.disable()
-    try:
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        return (time.perf_counter() - t0) / reps
-    finally:
-        gc.enable()
+    return time_block(fn, max(1, int(target_s / one)))
 
 
 def compare(fns, rounds, target_s):

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as _dt
-import gc
 import importlib.util
 import json
 import math
@@ -60,6 +59,7 @@ import fastbn.torch as ft
 sys.path.insert(0, str(ROOT / "bench"))
 import machine
 from render import fmt_time
+from timing import time_block
 
 SCHEMA = "fastbn-torch-bench/1"
 IMPLS = ("torch", "fastbn")
@@ -103,34 +103,19 @@ def _threading_report() -> dict | None:
 # ---------------------------------------------------------------------------------------
 # interleaved timing
 # ---------------------------------------------------------------------------------------
-def _time_block(fn, reps: int) -> float:
-    """Seconds per call of `fn`, over `reps` back-to-back calls (GC paused)."""
-    gc.collect()
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        return (time.perf_counter() - t0) / reps
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
 def compare(fns: dict, *, rounds: int, target_s: float, warmup: int) -> dict:
     """Time fns["torch"] and fns["fastbn"] interleaved; see the module docstring."""
     per_call = {}
     for name in IMPLS:
         for _ in range(warmup):
             fns[name]()
-        per_call[name] = _time_block(fns[name], 1)
+        per_call[name] = time_block(fns[name], 1)
     reps = max(1, math.ceil(target_s / max(max(per_call.values()), 1e-9)))
     times = {name: [] for name in IMPLS}
     for r in range(rounds):
         order = IMPLS if r % 2 == 0 else IMPLS[::-1]
         for name in order:
-            times[name].append(_time_block(fns[name], reps))
+            times[name].append(time_block(fns[name], reps))
     ratios = [f / t for f, t in zip(times["fastbn"], times["torch"])]
     return {
         "rounds": rounds,
