@@ -333,3 +333,51 @@ def test_parity_with_torch(cp, name, dtype, layout):
                   2 * (bb["dweight"][1] + sens[1]))
     assert_within("dbias vs torch", db.get(), tb.grad.cpu().numpy().astype(np.float64),
                   2 * (bb["dbias"][1] + sens[2]))
+
+
+# ----------------------------------------------------------------------------------------
+# layer norm and RMS norm
+# ----------------------------------------------------------------------------------------
+
+ROW_SHAPES = {
+    "llm": (2048, 4096),     # a transformer hidden size: 256-thread blocks, vector loads
+    "odd": (999, 37),        # odd rows: per-row scalar heads and tails
+    "short": (65536, 128),   # one warp per row, many rows per block (grid-stride)
+    "wide": (16, 70001),     # long rows, few rows
+    "N1": (7, 1),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("case", list(ROW_SHAPES))
+@pytest.mark.parametrize("name", GPU_BACKENDS)
+def test_row_kernels_against_reference(cp, name, case, dtype):
+    from cudasim._rowbounds import run_rows
+
+    rng = np.random.default_rng(zlib.crc32(f"rows-{name}-{case}".encode()))
+    run_rows(backend(name), rng, ROW_SHAPES[case], dtype, offset_ratio=3.0, view=cp.asarray,
+             param=cp.asarray)
+
+
+@pytest.mark.parametrize("name", GPU_BACKENDS)
+def test_row_norms_public_api_on_cupy(cp, name):
+    """fastbn.layer_norm/rms_norm and their backward on CuPy arrays give CuPy arrays, and
+    agree with the CPU backend to the float32 bounds (both are checked against the oracle
+    above; here the API's dispatch, views and defaults)."""
+    import fastbn
+
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((4, 6, 64)).astype(np.float32)
+    w = rng.uniform(0.5, 1.5, 64).astype(np.float32)
+    b = rng.standard_normal(64).astype(np.float32)
+    gx, gw, gb = cp.asarray(x), cp.asarray(w), cp.asarray(b)
+    y, mean, rstd = fastbn.layer_norm_forward(gx, 64, gw, gb, backend=name)
+    assert all(isinstance(a, cp.ndarray) for a in (y, mean, rstd)) and mean.shape == (4, 6)
+    yc = fastbn.layer_norm(x, 64, w, b)
+    np.testing.assert_allclose(y.get(), yc, rtol=1e-5, atol=1e-5)
+    dx, dw, db = fastbn.layer_norm_backward(gx, gx, mean, rstd, 64, gw, backend=name)
+    dxc, dwc, dbc = fastbn.layer_norm_backward(x, x, mean.get(), rstd.get(), 64, w)
+    for g, c in ((dx, dxc), (dw, dwc), (db, dbc)):
+        np.testing.assert_allclose(g.get(), c, rtol=1e-4, atol=1e-4)
+    yr = fastbn.rms_norm(gx, (6, 64), backend=name)
+    np.testing.assert_allclose(yr.get(), fastbn.rms_norm(x, (6, 64)), rtol=1e-5, atol=1e-5)

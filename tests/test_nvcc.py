@@ -21,8 +21,8 @@ import pytest
 
 ARCHS = ["sm_80", "sm_90"]
 DTYPE_CODES = {"float16": 0, "float32": 1, "float64": 2, "bfloat16": 3}
-#: kernels the "cupy" backend looks up by name
-from fastbn.backends.cupy_raw import _KERNEL_NAMES  # noqa: E402
+#: kernels the "cupy" backend looks up by name, per source file
+from fastbn.backends.cupy_raw import KERNELS  # noqa: E402
 
 
 def cu_sources():
@@ -32,12 +32,17 @@ def cu_sources():
 
 def test_kernel_sources_are_package_resources():
     names = [p.name for p in cu_sources()]
-    assert "batchnorm.cu" in names
+    assert sorted(KERNELS) == names  # every .cu file is compiled by the backend, and only those
     from fastbn.backends.cupy_raw import kernel_source
 
-    src = kernel_source()
-    for k in _KERNEL_NAMES:
-        assert f" {k}(" in src, f"kernel {k} is looked up by the backend but not defined"
+    for source, kernels in KERNELS.items():
+        src = kernel_source(source)
+        assert not re.search(r"^#include \"", src, re.MULTILINE)  # headers inlined: no include path needed
+        for k in kernels:
+            assert f" {k}(" in src, f"kernel {k} is looked up by the backend but not defined"
+        # the names the emulation and the backend find are the same
+        found = set(re.findall(r'extern "C" __global__ void\s+(?:FASTBN_BOUNDS\s+)?(\w+)\(', src))
+        assert found == set(kernels), (source, found ^ set(kernels))
 
 
 NVCC = shutil.which("nvcc")
@@ -71,13 +76,14 @@ def _nvrtc():
 
 
 @pytest.mark.parametrize("dtype", list(DTYPE_CODES))
-def test_nvrtc_compiles_like_cupy(dtype):
+@pytest.mark.parametrize("source", sorted(KERNELS))
+def test_nvrtc_compiles_like_cupy(source, dtype):
     """The run-time path: NVRTC, no include directories, the backend's options."""
     nvrtc = _nvrtc()
     from fastbn.backends.cupy_raw import kernel_source
 
-    src = kernel_source().encode()
-    err, prog = nvrtc.nvrtcCreateProgram(src, b"batchnorm.cu", 0, [], [])
+    src = kernel_source(source).encode()
+    err, prog = nvrtc.nvrtcCreateProgram(src, source.encode(), 0, [], [])
     assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS
     opts = [b"-std=c++17", f"-DFASTBN_DTYPE={DTYPE_CODES[dtype]}".encode(),
             b"-arch=compute_80"]
@@ -93,7 +99,7 @@ def test_nvrtc_compiles_like_cupy(dtype):
     nvrtc.nvrtcGetPTX(prog, ptx)
     nvrtc.nvrtcDestroyProgram(prog)
     text = ptx.decode(errors="replace")
-    for k in _KERNEL_NAMES:  # extern "C": unmangled entry points CuPy can look up
+    for k in KERNELS[source]:  # extern "C": unmangled entry points CuPy can look up
         assert f".entry {k}(" in text, k
     if dtype != "float64":
         # float16/float32 data kernels accumulate in float32: no float64 arithmetic may
@@ -120,5 +126,5 @@ def test_nvcc_compiles_bfloat16_without_cuda_bf16_h(arch, tmp_path):
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}"
     ptx = (tmp_path / "out.ptx").read_text()
     assert "cvt.rn.bf16.f32" in ptx  # the sm_80+ rounding instruction, as in cuda_bf16.h
-    for k in _KERNEL_NAMES:
+    for k in KERNELS["batchnorm.cu"]:
         assert f".entry {k}(" in ptx, k

@@ -22,8 +22,10 @@ def test_wheel_contains_kernel_sources(tmp_path):
     assert out.returncode == 0, out.stderr
     wheel = next(tmp_path.glob("fastbn-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    sources = sorted(p.name for p in (ROOT / "fastbn" / "kernels").glob("*.cu"))
-    assert sources, "no .cu sources in the tree"
+    kernels = ROOT / "fastbn" / "kernels"
+    sources = sorted(p.name for p in [*kernels.glob("*.cu"), *kernels.glob("*.cuh")])
+    assert any(s.endswith(".cu") for s in sources), "no .cu sources in the tree"
+    assert any(s.endswith(".cuh") for s in sources), "no .cuh headers in the tree"
     for name in sources:
         assert f"fastbn/kernels/{name}" in names
     for module in ("__init__", "_plan", "_moments", "_elementwise", "_half", "batchnorm"):

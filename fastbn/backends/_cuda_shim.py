@@ -16,9 +16,11 @@ import contextlib
 import functools
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["GpuPlan", "plan", "numba_cuda_module", "numba_cuda_unavailable_reason",
+__all__ = ["GpuPlan", "Launcher", "plan", "numba_cuda_module", "numba_cuda_unavailable_reason",
            "device_function_decorator", "simulator_enabled", "quiet_low_occupancy_warnings"]
 
 #: Threads per block of every data kernel (the .cu kernels are compiled with
@@ -157,6 +159,58 @@ def plan(
     S = max(_ceil_div(target, gx), _ceil_div(A, MAX_PER_BLOCK))
     S = max(1, min(S, row_groups, MAX_GRID_Y))
     return GpuPlan("cl", A, C, B, cols, G, S, (bx, by), (gx, S), (gx, S), 0, 0, vec)
+
+
+@dataclass(frozen=True)
+class Launcher:
+    """What the GPU host code shared by both backends needs from a backend for one call.
+
+    The ``cupy`` and ``numba-cuda`` kernels of each op have the same names and argument
+    lists, so one host code per op (:mod:`fastbn.backends._gpu_batchnorm`,
+    :mod:`fastbn.backends._gpu_rows`) plans and launches either through this.
+
+    Attributes
+    ----------
+    empty, empty_like : callable
+        ``empty(shape, dtype)`` allocates a device array on the call's device;
+        ``empty_like(a)`` one like the data array ``a`` (CuPy keeps bfloat16 data as an
+        ``ml_dtypes.bfloat16`` view, which ``empty_like`` preserves).
+    data, arr : callable
+        Turn a data array (``x2``, ``dy2``, outputs like them) or a parameter/statistics
+        array into a kernel argument.
+    kernel : callable
+        ``kernel(name)(grid, block, args)`` launches the kernel ``name`` on the call's
+        stream with the tuple of arguments (arrays from ``data``/``arr``; scalars as
+        ``numpy.int64``, ``numpy.float64``, a statistics-dtype scalar, or ``i32``'s).
+    i32 : callable
+        A scalar for a parameter the CUDA C kernels declare ``int``: ``numpy.int32`` for
+        them, ``numpy.int64`` for the numba.cuda kernels (whose index arithmetic must not
+        be typed 32-bit).
+    num_sms : int
+        Streaming multiprocessors of the device.
+    plan_kw : dict
+        Extra keywords of the launch plans (``max_threads``, ``max_tile``: small values
+        for the CUDA simulator).
+    vectorize : bool
+        Whether the kernels have vector paths.
+    ptr : callable
+        Device address of an array (for the alignment check of the vector path).
+    """
+
+    empty: Callable[..., Any]
+    empty_like: Callable[[Any], Any]
+    data: Callable[[Any], Any]
+    arr: Callable[[Any], Any]
+    kernel: Callable[[str], Callable]
+    i32: Callable[[int], Any]
+    num_sms: int
+    plan_kw: dict
+    vectorize: bool
+    ptr: Callable[[Any], int]
+
+    def max_threads(self) -> int:
+        """The most threads per block of this launch (``MAX_THREADS`` unless shrunk)."""
+        return self.plan_kw.get("max_threads", MAX_THREADS)
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,10 +1,14 @@
 """The ``"cupy"`` backend: CUDA C kernels compiled with NVRTC through ``cupy.RawModule``.
 
-The kernels live in ``fastbn/kernels/batchnorm.cu`` (shipped with the package and read
-with :mod:`importlib.resources`). The source is compiled once per (device, dtype) and
-cached; every launch goes to CuPy's current stream (``cupy.cuda.get_current_stream()``),
-and every temporary is allocated from CuPy's memory pool on that stream, so a call is
-asynchronous like any CuPy operation and nothing is copied to the host.
+The kernels live in ``fastbn/kernels/`` (shipped with the package and read with
+:mod:`importlib.resources`): one ``.cu`` file per op family (``batchnorm.cu``,
+``rownorm.cu``) on shared headers (``common.cuh``, ``reduce.cuh``). A source is compiled
+once per (device, dtype, file) and cached; every launch goes to CuPy's current stream
+(``cupy.cuda.get_current_stream()``), and every temporary is allocated from CuPy's memory
+pool on that stream, so a call is asynchronous like any CuPy operation and nothing is
+copied to the host. The host code that plans and launches the kernels is shared with the
+``numba-cuda`` backend (:mod:`fastbn.backends._gpu_batchnorm`,
+:mod:`fastbn.backends._gpu_rows`); this module supplies the launcher.
 
 The functions follow the backend contract documented in :mod:`fastbn.backends`
 (C-contiguous ``(A, C, B)`` arrays, no validation here). They run on the device that
@@ -15,14 +19,16 @@ call lives on that device.
 from __future__ import annotations
 
 import functools
+import re
 from importlib import resources
 
 import numpy as np
 
-from fastbn.backends import _cuda_shim, is_bfloat16, stats_dtype  # stats_dtype: the shared rule
+from fastbn.backends import _cuda_shim, _gpu_batchnorm, _gpu_rows, is_bfloat16, stats_dtype  # stats_dtype: the shared rule
 
 __all__ = ["name", "dtypes", "available", "stats_dtype", "forward_train", "forward_eval",
-           "backward"]
+           "backward", "layer_norm_forward", "layer_norm_backward", "rms_norm_forward",
+           "rms_norm_backward", "kernel_source"]
 
 name = "cupy"
 #: also ml_dtypes.bfloat16 (not listed: see the contract in :mod:`fastbn.backends`)
@@ -48,9 +54,13 @@ _KERNEL_NAMES = (
     "bn_bwd_apply_cl1",
 )
 
-#: channels per block of the finalize kernels (one warp per channel)
-_FINALIZE_WARPS = 8
-
+#: kernels of fastbn/kernels/rownorm.cu (launched by fastbn.backends._gpu_rows)
+_ROW_KERNEL_NAMES = (
+    "ln_forward", "rms_forward", "ln_backward", "rms_backward", "ln_backward_cols",
+    "rms_backward_cols", "row_cols_finalize",
+)
+#: kernel names of each source file
+KERNELS = {"batchnorm.cu": _KERNEL_NAMES, "rownorm.cu": _ROW_KERNEL_NAMES}
 
 def __getattr__(attr):
     # ``xp`` is the cupy module, imported only when asked for.
@@ -85,28 +95,55 @@ def available() -> tuple[bool, str]:
     return True, "ok"
 
 
-def kernel_source() -> str:
-    """Return the CUDA C source of the kernels (``fastbn/kernels/batchnorm.cu``).
+_INCLUDE = re.compile(r'^#include "([A-Za-z0-9_]+\.cuh)"[ \t]*$', re.MULTILINE)
+
+
+def kernel_source(name: str = "batchnorm.cu") -> str:
+    """Return the CUDA C source of one kernel file, its ``#include "*.cuh"`` lines inlined.
+
+    NVRTC (through ``cupy.RawModule``) compiles a string with no include path of its own;
+    inlining the package's headers here makes the string complete, and makes it change
+    (so CuPy's compile cache misses) whenever a header changes. Each header is inlined
+    once, where it is first included.
+
+    Parameters
+    ----------
+    name : str, optional
+        A file of ``fastbn/kernels`` (a key of :data:`KERNELS`).
 
     Returns
     -------
     str
     """
-    return resources.files("fastbn").joinpath("kernels", "batchnorm.cu").read_text("utf-8")
+    root = resources.files("fastbn").joinpath("kernels")
+    seen: set[str] = set()
+
+    def expand(text: str) -> str:
+        def one(m):
+            header = m.group(1)
+            if header in seen:
+                return f"// {header}: already included"
+            seen.add(header)
+            body = root.joinpath(header).read_text("utf-8").replace("#pragma once\n", "")
+            return f"// ---- {header} ----\n{expand(body)}// ---- end of {header} ----"
+
+        return _INCLUDE.sub(one, text)
+
+    return expand(root.joinpath(name).read_text("utf-8"))
 
 
 @functools.cache
-def _kernels(device_id: int, dtype_code: int) -> dict:
-    """Compile the kernels for one (device, dtype) and return them by name (cached)."""
+def _kernels(device_id: int, dtype_code: int, source: str = "batchnorm.cu") -> dict:
+    """Compile one kernel file for one (device, dtype); its kernels by name (cached)."""
     import cupy
 
     with cupy.cuda.Device(device_id):
         module = cupy.RawModule(
-            code=kernel_source(),
+            code=kernel_source(source),
             options=("-std=c++17", f"-DFASTBN_DTYPE={dtype_code}"),
         )
         module.compile()
-        return {k: module.get_function(k) for k in _KERNEL_NAMES}
+        return {k: module.get_function(k) for k in KERNELS[source]}
 
 
 @functools.cache
@@ -116,23 +153,24 @@ def _num_sms(device_id: int) -> int:
     return int(cupy.cuda.Device(device_id).attributes["MultiProcessorCount"])
 
 
-def _setup(x3, *others):
-    """Kernels, plan and scalar types for a call on `x3` (plus the other data arrays)."""
-    device_id = x3.device.id
-    kernels = _kernels(device_id, _dtype_code(x3.dtype))
-    A, C, B = (int(s) for s in x3.shape)
-    p = _cuda_shim.plan(A, C, B, x3.dtype.itemsize, _num_sms(device_id),
-                        tuple(int(a.data.ptr) for a in (x3, *others)))
-    return kernels, p
+def _launcher(x, source: str) -> _cuda_shim.Launcher:
+    """The launcher of the kernels of `source` for data like `x`, on x's device."""
+    import cupy
+
+    device_id = x.device.id
+    k = _kernels(device_id, _dtype_code(x.dtype), source)
+    return _cuda_shim.Launcher(
+        empty=cupy.empty, empty_like=cupy.empty_like, data=_same, arr=_same,
+        kernel=k.__getitem__, i32=np.int32, num_sms=_num_sms(device_id), plan_kw={},
+        vectorize=True, ptr=_ptr)
 
 
-def _reduce_args_cf(p):
-    return (np.int64(p.A), np.int32(p.C), np.int64(p.B), np.int32(p.bch), np.int64(p.nbc),
-            np.int32(p.vec))
+def _same(a):
+    return a
 
 
-def _finalize_launch(C):
-    return (-(-C // _FINALIZE_WARPS),), (32, _FINALIZE_WARPS)
+def _ptr(a) -> int:
+    return int(a.data.ptr)
 
 
 def forward_train(x3, weight, bias, eps):
@@ -154,45 +192,8 @@ def forward_train(x3, weight, bias, eps):
         (0 where ``var + eps == 0``).
     """
     with x3.device:
-        return _forward_train(x3, weight, bias, eps)
-
-
-def _forward_train(x3, weight, bias, eps):
-    import cupy
-
-    sd = stats_dtype(x3.dtype)
-    A, C, B = x3.shape
-    y3 = cupy.empty_like(x3)
-    mean = cupy.empty(C, sd)
-    var = cupy.empty(C, sd)
-    invstd = cupy.empty(C, sd)
-    if x3.size == 0:
-        return y3, mean, var, invstd
-    k, p = _setup(x3, y3)
-    pmean = cupy.empty((p.S, p.cols), sd)
-    pm2 = cupy.empty((p.S, p.cols), sd)
-    pn = cupy.empty((p.S, p.cols), np.int32)
-    alpha = cupy.empty(C, sd)
-    if p.family == "cf":
-        k["bn_stats_cf"](p.grid_reduce, p.threads, (x3, *_reduce_args_cf(p), pmean, pm2, pn))
-    else:
-        kern = k["bn_stats_cl4" if p.vec == 4 else "bn_stats_cl1"]
-        kern(p.grid_reduce, p.threads, (x3, np.int64(p.A), np.int32(p.cols), pmean, pm2, pn))
-    grid, block = _finalize_launch(C)
-    k["bn_stats_finalize"](grid, block, (pmean, pm2, pn, np.int32(p.S), np.int32(C),
-                                         np.int32(p.G), np.float64(eps), weight, mean, var,
-                                         invstd, alpha))
-    _apply(k, p, x3, y3, mean, alpha, bias)
-    return y3, mean, var, invstd
-
-
-def _apply(k, p, x3, y3, mean, alpha, beta):
-    if p.family == "cf":
-        k["bn_apply_cf"](p.grid_apply, p.threads, (x3, y3, *_reduce_args_cf(p), mean, alpha, beta))
-    else:
-        kern = k["bn_apply_cl4" if p.vec == 4 else "bn_apply_cl1"]
-        kern(p.grid_apply, p.threads, (x3, y3, np.int64(p.A), np.int32(p.cols), np.int32(p.G),
-                                       mean, alpha, beta))
+        return _gpu_batchnorm.forward_train(_launcher(x3, "batchnorm.cu"), x3, weight, bias,
+                                            eps)
 
 
 def forward_eval(x3, mean, var, weight, bias, eps):
@@ -213,22 +214,8 @@ def forward_eval(x3, mean, var, weight, bias, eps):
         ``(x3 - mean) / sqrt(var + eps) * weight + bias`` in ``x3.dtype``.
     """
     with x3.device:
-        return _forward_eval(x3, mean, var, weight, bias, eps)
-
-
-def _forward_eval(x3, mean, var, weight, bias, eps):
-    import cupy
-
-    sd = stats_dtype(x3.dtype)
-    C = x3.shape[1]
-    y3 = cupy.empty_like(x3)
-    if x3.size == 0:
-        return y3
-    k, p = _setup(x3, y3)
-    alpha = cupy.empty(C, sd)
-    k["bn_eval_prep"]((-(-C // 256),), (256,), (var, weight, np.int32(C), np.float64(eps), alpha))
-    _apply(k, p, x3, y3, mean, alpha, bias)
-    return y3
+        return _gpu_batchnorm.forward_eval(_launcher(x3, "batchnorm.cu"), x3, mean, var,
+                                           weight, bias, eps)
 
 
 def backward(dy3, x3, mean, invstd, weight):
@@ -250,41 +237,90 @@ def backward(dy3, x3, mean, invstd, weight):
         ``stats_dtype(x3.dtype)``.
     """
     with x3.device:
-        return _backward(dy3, x3, mean, invstd, weight)
+        return _gpu_batchnorm.backward(_launcher(x3, "batchnorm.cu"), dy3, x3, mean, invstd,
+                                       weight)
 
 
-def _backward(dy3, x3, mean, invstd, weight):
-    import cupy
+# ----------------------------------------------------------------------------------------
+# layer norm and RMS norm
+# ----------------------------------------------------------------------------------------
 
-    sd = stats_dtype(x3.dtype)
-    A, C, B = x3.shape
-    dx3 = cupy.empty_like(x3)
-    dweight = cupy.empty(C, sd)
-    dbias = cupy.empty(C, sd)
-    if x3.size == 0:
-        return dx3, dweight, dbias
-    k, p = _setup(x3, dy3, dx3)
-    ps1 = cupy.empty((p.S, p.cols), sd)
-    ps2 = cupy.empty((p.S, p.cols), sd)
-    k1 = cupy.empty(C, sd)
-    k2 = cupy.empty(C, sd)
-    k3 = cupy.empty(C, sd)
-    if p.family == "cf":
-        k["bn_bwd_reduce_cf"](p.grid_reduce, p.threads,
-                              (dy3, x3, *_reduce_args_cf(p), mean, ps1, ps2))
-    else:
-        kern = k["bn_bwd_reduce_cl4" if p.vec == 4 else "bn_bwd_reduce_cl1"]
-        kern(p.grid_reduce, p.threads, (dy3, x3, np.int64(p.A), np.int32(p.cols), np.int32(p.G),
-                                        mean, ps1, ps2))
-    grid, block = _finalize_launch(C)
-    k["bn_bwd_finalize"](grid, block, (ps1, ps2, np.int32(p.S), np.int32(C), np.int32(p.G),
-                                       np.float64(p.A * p.B), invstd, weight, dweight, dbias,
-                                       k1, k2, k3))
-    if p.family == "cf":
-        k["bn_bwd_apply_cf"](p.grid_apply, p.threads,
-                             (dy3, x3, dx3, *_reduce_args_cf(p), mean, k1, k2, k3))
-    else:
-        kern = k["bn_bwd_apply_cl4" if p.vec == 4 else "bn_bwd_apply_cl1"]
-        kern(p.grid_apply, p.threads, (dy3, x3, dx3, np.int64(p.A), np.int32(p.cols),
-                                       np.int32(p.G), mean, k1, k2, k3))
-    return dx3, dweight, dbias
+
+def layer_norm_forward(x2, weight, bias, eps):
+    """Layer norm of each row of `x2`; see :mod:`fastbn.backends` for the contract.
+
+    Parameters
+    ----------
+    x2 : cupy.ndarray
+        C-contiguous ``(R, N)`` input, ``R, N >= 1``.
+    weight, bias : cupy.ndarray
+        Length-``N`` parameters of dtype ``stats_dtype(x2.dtype)``.
+    eps : float
+        Added to the variance.
+
+    Returns
+    -------
+    y2, mean, rstd : cupy.ndarray
+    """
+    with x2.device:
+        return _gpu_rows.layer_norm_forward(_launcher(x2, "rownorm.cu"), x2, weight, bias, eps)
+
+
+def layer_norm_backward(dy2, x2, mean, rstd, weight):
+    """Gradients of :func:`layer_norm_forward`.
+
+    Parameters
+    ----------
+    dy2, x2 : cupy.ndarray
+        C-contiguous ``(R, N)`` upstream gradient and forward input.
+    mean, rstd : cupy.ndarray
+        Length-``R`` statistics of the forward.
+    weight : cupy.ndarray
+        Length-``N`` weight.
+
+    Returns
+    -------
+    dx2, dweight, dbias : cupy.ndarray
+    """
+    with x2.device:
+        return _gpu_rows.layer_norm_backward(_launcher(x2, "rownorm.cu"), dy2, x2, mean, rstd, weight)
+
+
+def rms_norm_forward(x2, weight, eps):
+    """RMS norm of each row of `x2`: ``y2 = x2 * rstd * weight``.
+
+    Parameters
+    ----------
+    x2 : cupy.ndarray
+        C-contiguous ``(R, N)`` input.
+    weight : cupy.ndarray
+        Length-``N`` weight.
+    eps : float
+        Added to the mean square.
+
+    Returns
+    -------
+    y2, rstd : cupy.ndarray
+    """
+    with x2.device:
+        return _gpu_rows.rms_norm_forward(_launcher(x2, "rownorm.cu"), x2, weight, eps)
+
+
+def rms_norm_backward(dy2, x2, rstd, weight):
+    """Gradients of :func:`rms_norm_forward`.
+
+    Parameters
+    ----------
+    dy2, x2 : cupy.ndarray
+        C-contiguous ``(R, N)`` upstream gradient and forward input.
+    rstd : cupy.ndarray
+        Length-``R`` statistics of the forward.
+    weight : cupy.ndarray
+        Length-``N`` weight.
+
+    Returns
+    -------
+    dx2, dweight : cupy.ndarray
+    """
+    with x2.device:
+        return _gpu_rows.rms_norm_backward(_launcher(x2, "rownorm.cu"), dy2, x2, rstd, weight)

@@ -25,10 +25,11 @@ import math
 
 import numpy as np
 
-from fastbn.backends import _cuda_shim, is_bfloat16, stats_dtype  # stats_dtype: the shared rule
+from fastbn.backends import _cuda_shim, _gpu_batchnorm, _gpu_rows, is_bfloat16, stats_dtype  # stats_dtype: the shared rule
 
 __all__ = ["name", "dtypes", "available", "stats_dtype", "forward_train", "forward_eval",
-           "backward"]
+           "backward", "layer_norm_forward", "layer_norm_backward", "rms_norm_forward",
+           "rms_norm_backward"]
 
 name = "numba-cuda"
 #: also ml_dtypes.bfloat16 (not listed: see the contract in :mod:`fastbn.backends`)
@@ -36,8 +37,6 @@ dtypes = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
 #: size of the shared-memory arrays of the block reductions = the most threads per block
 _MAXT = _cuda_shim.MAX_THREADS
-#: channels per block of the finalize kernels (one group of 32 threads per channel)
-_FINALIZE_GROUPS = 8
 
 #: the numba.cuda module, set by :func:`kernels` on first use (never imported eagerly)
 cuda = None
@@ -132,31 +131,21 @@ def _bfloat16_conversions(device):
 
 
 @functools.cache
-def kernels(acc_name: str, data: str = "float") -> dict:
-    """Build (lazily compiled) kernels accumulating in ``acc_name`` ("float32"/"float64").
+def _device_functions(acc_name: str, data: str = "float") -> dict:
+    """The device helpers shared by the batch-norm and row-norm kernels (cached).
 
-    Parameters
-    ----------
-    acc_name : str
-        ``"float32"`` (float16, bfloat16 and float32 data) or ``"float64"``.
-    data : str, optional
-        ``"float"``: data arrays of a float dtype (float16, float32, float64), converted
-        by the loads and stores themselves. ``"bfloat16"``: bfloat16 data as ``uint16``
-        bits, converted by the device functions of :func:`_bfloat16_conversions`
-        (``acc_name`` must be ``"float32"``).
-
-    Returns
-    -------
-    dict
-        Kernel name -> ``numba.cuda`` dispatcher. All data arrays are 1-d (flattened
-        ``(A, C, B)`` views).
+    Parameters are those of :func:`kernels`. Returns ``{name: function}`` for ``acc``
+    (the accumulation type), ``ld``/``st`` (loads and stores of the data), ``merge``,
+    ``merge_d`` (Chan's formula in ``acc`` and in float64), ``welford`` (one value) and
+    the shared-memory trees ``tree_merge`` and ``tree_sum2``.
     """
-    # `cuda` must be a module global: the simulator swaps the globals of kernels
+    # `cuda` must be a module global: the simulator swaps the globals of kernels (and the
+    # helpers, plain functions under the simulator, must see the same module global, which
+    # is why every numba.cuda kernel of the package lives in this module)
     global cuda
     cuda = _cuda_shim.numba_cuda_module()
     device = _cuda_shim.device_function_decorator()
     acc = np.float32 if acc_name == "float32" else np.float64
-    MAXT = _MAXT
     if data == "bfloat16":
         ld, st = _bfloat16_conversions(device)
     else:
@@ -243,8 +232,38 @@ def kernels(acc_name: str, data: str = "float") -> dict:
             h //= 2
         return u, v
 
+    return dict(acc=acc, ld=ld, st=st, merge=merge, merge_d=merge_d, welford=welford,
+                tree_merge=tree_merge, tree_sum2=tree_sum2)
+
+
+@functools.cache
+def kernels(acc_name: str, data: str = "float") -> dict:
+    """Build (lazily compiled) kernels accumulating in ``acc_name`` ("float32"/"float64").
+
+    Parameters
+    ----------
+    acc_name : str
+        ``"float32"`` (float16, bfloat16 and float32 data) or ``"float64"``.
+    data : str, optional
+        ``"float"``: data arrays of a float dtype (float16, float32, float64), converted
+        by the loads and stores themselves. ``"bfloat16"``: bfloat16 data as ``uint16``
+        bits, converted by the device functions of :func:`_bfloat16_conversions`
+        (``acc_name`` must be ``"float32"``).
+
+    Returns
+    -------
+    dict
+        Kernel name -> ``numba.cuda`` dispatcher. All data arrays are 1-d (flattened
+        ``(A, C, B)`` views).
+    """
+    f = _device_functions(acc_name, data)
+    acc, ld, st = f["acc"], f["ld"], f["st"]
+    merge_d, welford = f["merge_d"], f["welford"]
+    tree_merge, tree_sum2 = f["tree_merge"], f["tree_sum2"]
+    MAXT = _MAXT
+
     @cuda.jit
-    def stats_cf(x, A, C, B, bch, nbc, pmean, pm2, pn):
+    def stats_cf(x, A, C, B, bch, nbc, vec_ok, pmean, pm2, pn):
         s_mean = cuda.shared.array(MAXT, acc)
         s_m2 = cuda.shared.array(MAXT, acc)
         s_n = cuda.shared.array(MAXT, np.int64)
@@ -358,7 +377,7 @@ def kernels(acc_name: str, data: str = "float") -> dict:
             alpha_out[c] = np.float64(weight[c]) * invstd
 
     @cuda.jit
-    def apply_cf(x, y, A, C, B, bch, nbc, mean, alpha, beta):
+    def apply_cf(x, y, A, C, B, bch, nbc, vec_ok, mean, alpha, beta):
         # y = (x - mean) * alpha + beta, grid-stride over A * C * nbc tiles
         tid = cuda.threadIdx.x
         nt = cuda.blockDim.x
@@ -396,7 +415,7 @@ def kernels(acc_name: str, data: str = "float") -> dict:
                 af += stride
 
     @cuda.jit
-    def bwd_reduce_cf(dy, x, A, C, B, bch, nbc, mean, ps1, ps2):
+    def bwd_reduce_cf(dy, x, A, C, B, bch, nbc, vec_ok, mean, ps1, ps2):
         s_1 = cuda.shared.array(MAXT, acc)
         s_2 = cuda.shared.array(MAXT, acc)
         tid = cuda.threadIdx.x
@@ -484,7 +503,7 @@ def kernels(acc_name: str, data: str = "float") -> dict:
             k3[c] = -w * isd * u / M
 
     @cuda.jit
-    def bwd_apply_cf(dy, x, dx, A, C, B, bch, nbc, mean, k1, k2, k3):
+    def bwd_apply_cf(dy, x, dx, A, C, B, bch, nbc, vec_ok, mean, k1, k2, k3):
         tid = cuda.threadIdx.x
         nt = cuda.blockDim.x
         ntiles = A * C * nbc
@@ -522,30 +541,224 @@ def kernels(acc_name: str, data: str = "float") -> dict:
                 dx[o] = st(ld(dy[o]) * c1 + ((ld(x[o]) - m) * c2 + c3))
                 af += stride
 
+    # the names of the CUDA C kernels (batchnorm.cu), so that one host code launches both
+    # (fastbn.backends._gpu_batchnorm); the channels-last kernels are the "..._cl1" ones
     return {
-        "stats_cf": stats_cf, "stats_cl": stats_cl, "stats_finalize": stats_finalize,
-        "eval_prep": eval_prep, "apply_cf": apply_cf, "apply_cl": apply_cl,
-        "bwd_reduce_cf": bwd_reduce_cf, "bwd_reduce_cl": bwd_reduce_cl,
-        "bwd_finalize": bwd_finalize, "bwd_apply_cf": bwd_apply_cf,
-        "bwd_apply_cl": bwd_apply_cl,
+        "bn_stats_cf": stats_cf, "bn_stats_cl1": stats_cl, "bn_stats_finalize": stats_finalize,
+        "bn_eval_prep": eval_prep, "bn_apply_cf": apply_cf, "bn_apply_cl1": apply_cl,
+        "bn_bwd_reduce_cf": bwd_reduce_cf, "bn_bwd_reduce_cl1": bwd_reduce_cl,
+        "bn_bwd_finalize": bwd_finalize, "bn_bwd_apply_cf": bwd_apply_cf,
+        "bn_bwd_apply_cl1": bwd_apply_cl,
+    }
+
+
+@functools.cache
+def row_kernels(acc_name: str, data: str = "float") -> dict:
+    """Build (lazily compiled) layer-norm and RMS-norm kernels; parameters as :func:`kernels`.
+
+    The plan and the argument lists are those of ``fastbn/kernels/rownorm.cu`` (one host
+    code, :mod:`fastbn.backends._gpu_rows`, launches both): a 1-d block per row, grid-striding
+    over the rows, with shared-memory trees for the block reductions and scalar loads
+    (``vec_ok`` is accepted and ignored); a column-partials kernel on a 2-d grid and a
+    finalize kernel for dweight and dbias.
+
+    Returns
+    -------
+    dict
+        Kernel name -> ``numba.cuda`` dispatcher (names as in rownorm.cu). Data arrays
+        are the flattened ``(R, N)`` views.
+    """
+    f = _device_functions(acc_name, data)
+    acc, ld, st = f["acc"], f["ld"], f["st"]
+    welford, tree_merge, tree_sum2 = f["welford"], f["tree_merge"], f["tree_sum2"]
+    MAXT = _MAXT
+    device = _cuda_shim.device_function_decorator()
+
+    @cuda.jit
+    def ln_forward(x, y, R, N, vec_ok, w, b, eps, mean_out, rstd_out):
+        s_mean = cuda.shared.array(MAXT, acc)
+        s_m2 = cuda.shared.array(MAXT, acc)
+        s_n = cuda.shared.array(MAXT, np.int64)
+        tid = cuda.threadIdx.x
+        nt = cuda.blockDim.x
+        e = acc(eps)  # a stats-dtype scalar already
+        r = cuda.blockIdx.x
+        while r < R:
+            base = r * N
+            mean = acc(0)
+            m2 = acc(0)
+            n = 0
+            i = tid
+            while i < N:
+                mean, m2, n = welford(mean, m2, n, ld(x[base + i]))
+                i += nt
+            tree_merge(s_mean, s_m2, s_n, tid, 1, nt // 2, mean, m2, n, tid)
+            m = s_mean[0]  # the merged state of the row, in slot 0 for every thread
+            ve = s_m2[0] / acc(s_n[0]) + e
+            rs = acc(0) if ve == 0 else acc(1) / math.sqrt(ve)
+            cuda.syncthreads()  # slot 0 is rewritten for the next row
+            if tid == 0:
+                mean_out[r] = m
+                rstd_out[r] = rs
+            i = tid
+            while i < N:
+                y[base + i] = st((ld(x[base + i]) - m) * rs * acc(w[i]) + acc(b[i]))
+                i += nt
+            r += cuda.gridDim.x
+
+    @cuda.jit
+    def rms_forward(x, y, R, N, vec_ok, w, eps, rstd_out):
+        s_1 = cuda.shared.array(MAXT, acc)
+        s_2 = cuda.shared.array(MAXT, acc)
+        tid = cuda.threadIdx.x
+        nt = cuda.blockDim.x
+        e = acc(eps)  # a stats-dtype scalar already
+        r = cuda.blockIdx.x
+        while r < R:
+            base = r * N
+            ss = acc(0)
+            i = tid
+            while i < N:
+                v = ld(x[base + i])
+                ss += v * v
+                i += nt
+            tree_sum2(s_1, s_2, tid, 1, nt // 2, ss, acc(0), tid)
+            ve = s_1[0] / acc(N) + e
+            rs = acc(0) if ve == 0 else acc(1) / math.sqrt(ve)
+            cuda.syncthreads()
+            if tid == 0:
+                rstd_out[r] = rs
+            i = tid
+            while i < N:
+                y[base + i] = st(ld(x[base + i]) * rs * acc(w[i]))
+                i += nt
+            r += cuda.gridDim.x
+
+    @device
+    def row_backward(dy, x, dx, R, N, mean, rstd, w, rms, s_1, s_2):
+        # (the shared arrays are allocated by the kernels, not in device functions)
+        tid = cuda.threadIdx.x
+        nt = cuda.blockDim.x
+        r = cuda.blockIdx.x
+        while r < R:
+            base = r * N
+            m = acc(0) if rms else acc(mean[r])
+            rs = acc(rstd[r])
+            u = acc(0)
+            v = acc(0)
+            i = tid
+            while i < N:
+                g = ld(dy[base + i]) * acc(w[i])
+                u += g
+                v += g * ((ld(x[base + i]) - m) * rs)
+                i += nt
+            tree_sum2(s_1, s_2, tid, 1, nt // 2, u, v, tid)
+            c1 = acc(0) if rms else s_1[0] / acc(N)
+            c2 = s_2[0] / acc(N)
+            cuda.syncthreads()
+            i = tid
+            while i < N:
+                xh = (ld(x[base + i]) - m) * rs
+                dx[base + i] = st(rs * ((ld(dy[base + i]) * acc(w[i]) - c1) - xh * c2))
+                i += nt
+            r += cuda.gridDim.x
+
+    @cuda.jit
+    def ln_backward(dy, x, dx, R, N, vec_ok, mean, rstd, w):
+        # two statements: the simulator tells shared arrays apart by their source line
+        s_1 = cuda.shared.array(MAXT, acc)
+        s_2 = cuda.shared.array(MAXT, acc)
+        row_backward(dy, x, dx, R, N, mean, rstd, w, False, s_1, s_2)
+
+    @cuda.jit
+    def rms_backward(dy, x, dx, R, N, vec_ok, rstd, w):
+        # two statements: the simulator tells shared arrays apart by their source line
+        s_1 = cuda.shared.array(MAXT, acc)
+        s_2 = cuda.shared.array(MAXT, acc)
+        row_backward(dy, x, dx, R, N, rstd, rstd, w, True, s_1, s_2)
+
+    @device
+    def row_cols(dy, x, R, N, mean, rstd, pw, pb, rms, s_1, s_2):
+        tx = cuda.threadIdx.x
+        ty = cuda.threadIdx.y
+        bx = cuda.blockDim.x
+        by = cuda.blockDim.y
+        col = cuda.blockIdx.x * bx + tx
+        aw = acc(0)
+        ab = acc(0)
+        if col < N:
+            stride = cuda.gridDim.y * by
+            r = cuda.blockIdx.y * by + ty
+            while r < R:
+                o = r * N + col
+                g = ld(dy[o])
+                m = acc(0) if rms else acc(mean[r])
+                aw += g * ((ld(x[o]) - m) * acc(rstd[r]))
+                ab += g
+                r += stride
+        aw, ab = tree_sum2(s_1, s_2, ty * bx + tx, bx, by // 2, aw, ab, ty)
+        if ty == 0 and col < N:
+            o = cuda.blockIdx.y * N + col
+            pw[o] = aw
+            if not rms:
+                pb[o] = ab
+
+    @cuda.jit
+    def ln_backward_cols(dy, x, R, N, mean, rstd, pw, pb):
+        # two statements: the simulator tells shared arrays apart by their source line
+        s_1 = cuda.shared.array(MAXT, acc)
+        s_2 = cuda.shared.array(MAXT, acc)
+        row_cols(dy, x, R, N, mean, rstd, pw, pb, False, s_1, s_2)
+
+    @cuda.jit
+    def rms_backward_cols(dy, x, R, N, rstd, pw):
+        # two statements: the simulator tells shared arrays apart by their source line
+        s_1 = cuda.shared.array(MAXT, acc)
+        s_2 = cuda.shared.array(MAXT, acc)
+        row_cols(dy, x, R, N, rstd, rstd, pw, pw, True, s_1, s_2)
+
+    @cuda.jit
+    def row_cols_finalize(p, S, N, out):
+        col = cuda.grid(1)
+        if col < N:
+            a = np.float64(0)
+            for s in range(S):
+                a += np.float64(p[s * N + col])
+            out[col] = a
+
+    return {
+        "ln_forward": ln_forward, "rms_forward": rms_forward, "ln_backward": ln_backward,
+        "rms_backward": rms_backward, "ln_backward_cols": ln_backward_cols,
+        "rms_backward_cols": rms_backward_cols, "row_cols_finalize": row_cols_finalize,
     }
 
 
 #: Argument types of every kernel, per data dtype (used by the compile_ptx test and to
 #: document the signatures): "x" data array, "s" stats-dtype array, "i" int32 array,
-#: "I" int64 scalar, "F" float64 scalar.
+#: "I" int64 scalar, "F" float64 scalar, "E" stats-dtype scalar.
 KERNEL_SIGNATURES = {
-    "stats_cf": "xIIIIIssi",
-    "stats_cl": "xIIssi",
-    "stats_finalize": "ssiIIIFsssss",
-    "eval_prep": "ssIFs",
-    "apply_cf": "xxIIIIIsss",
-    "apply_cl": "xxIIIsss",
-    "bwd_reduce_cf": "xxIIIIIsss",
-    "bwd_reduce_cl": "xxIIIsss",
-    "bwd_finalize": "ssIIIFsssssss",
-    "bwd_apply_cf": "xxxIIIIIssss",
-    "bwd_apply_cl": "xxxIIIssss",
+    # batch norm (kernels())
+    "bn_stats_cf": "xIIIIIIssi",
+    "bn_stats_cl1": "xIIssi",
+    "bn_stats_finalize": "ssiIIIFsssss",
+    "bn_eval_prep": "ssIFs",
+    "bn_apply_cf": "xxIIIIIIsss",
+    "bn_apply_cl1": "xxIIIsss",
+    "bn_bwd_reduce_cf": "xxIIIIIIsss",
+    "bn_bwd_reduce_cl1": "xxIIIsss",
+    "bn_bwd_finalize": "ssIIIFsssssss",
+    "bn_bwd_apply_cf": "xxxIIIIIIssss",
+    "bn_bwd_apply_cl1": "xxxIIIssss",
+}
+#: the same for the row kernels (row_kernels())
+ROW_KERNEL_SIGNATURES = {
+    "ln_forward": "xxIIIssEss",
+    "rms_forward": "xxIIIsEs",
+    "ln_backward": "xxxIIIsss",
+    "rms_backward": "xxxIIIss",
+    "ln_backward_cols": "xxIIssss",
+    "rms_backward_cols": "xxIIss",
+    "row_cols_finalize": "sIIs",
 }
 
 
@@ -554,20 +767,18 @@ KERNEL_SIGNATURES = {
 # ----------------------------------------------------------------------------------------
 
 
-def _i(v):
-    return np.int64(v)
-
-
 def _acc_name(dtype) -> str:
     return "float64" if np.dtype(dtype) == np.float64 else "float32"
 
 
-def _kernels_for(dtype):
-    """``(kernels, kernel dtype of the data)`` for data of `dtype`: bfloat16 data go to the
-    kernels as their ``uint16`` bits."""
+def _kernels_for(dtype, kernel_table=None):
+    """``(kernels, kernel dtype of the data)`` of `kernel_table` (:func:`kernels` when None,
+    or :func:`row_kernels`) for data of `dtype`: bfloat16 data go to the kernels as their
+    ``uint16`` bits."""
+    kernel_table = kernels if kernel_table is None else kernel_table
     if is_bfloat16(np.dtype(dtype)):
-        return kernels("float32", "bfloat16"), np.dtype(np.uint16)
-    return kernels(_acc_name(dtype)), np.dtype(dtype)
+        return kernel_table("float32", "bfloat16"), np.dtype(np.uint16)
+    return kernel_table(_acc_name(dtype)), np.dtype(dtype)
 
 
 def _as_kernel_data(a, kdt):
@@ -576,109 +787,53 @@ def _as_kernel_data(a, kdt):
     return a if a.dtype == kdt else a.view(kdt)
 
 
-def _finalize_launch(C):
-    return (-(-C // _FINALIZE_GROUPS),), (32, _FINALIZE_GROUPS)
+def launcher(dtype, kernel_table, *, empty, wrap, stream, num_sms, plan_kw, pointers=()):
+    """The :class:`fastbn.backends._cuda_shim.Launcher` of this backend's kernels.
 
-
-def _forward_train(x3, weight, bias, eps, *, empty, wrap, stream, num_sms, plan_kw,
-                   pointers=()):
-    """Training forward on any arrays the kernels accept; see :func:`forward_train`.
-
-    `empty(shape, dtype)` allocates, `wrap(a)` turns an array into a kernel argument,
-    `stream` is the launch stream (``0`` for the default one), `num_sms`, `plan_kw` and
-    `pointers` go to :func:`fastbn.backends._cuda_shim.plan`.
+    Parameters
+    ----------
+    dtype : numpy.dtype
+        The data dtype of the call.
+    kernel_table : callable
+        :func:`kernels` or :func:`row_kernels`.
+    empty, wrap, stream, num_sms, plan_kw
+        Allocation ``empty(shape, dtype)``, ``wrap(array)`` into a kernel argument, the
+        launch stream (``0`` for the default one), and the plan's device size and keywords
+        (:func:`_gpu_context` on a GPU; NumPy arrays and a tiny plan under the simulator).
+    pointers : tuple, optional
+        Unused (the kernels have no vector path).
     """
-    sd = stats_dtype(x3.dtype)
-    A, C, B = (int(s) for s in x3.shape)
-    y3 = empty(x3.shape, x3.dtype)
-    mean, var, invstd = empty((C,), sd), empty((C,), sd), empty((C,), sd)
-    if x3.size == 0:
-        return y3, mean, var, invstd
-    k, kdt = _kernels_for(x3.dtype)
-    p = _cuda_shim.plan(A, C, B, x3.dtype.itemsize, num_sms, pointers,
-                        vectorize=False, **plan_kw)
-    pmean, pm2 = empty((p.S * p.cols,), sd), empty((p.S * p.cols,), sd)
-    pn = empty((p.S * p.cols,), np.int32)
-    alpha = empty((C,), sd)
-    xf, yf = wrap(_as_kernel_data(x3, kdt)), wrap(_as_kernel_data(y3, kdt))
-    wpm, wpm2, wpn = wrap(pmean), wrap(pm2), wrap(pn)
-    if p.family == "cf":
-        k["stats_cf"][p.grid_reduce, p.threads, stream](
-            xf, _i(A), _i(C), _i(B), _i(p.bch), _i(p.nbc), wpm, wpm2, wpn)
-    else:
-        k["stats_cl"][p.grid_reduce, p.threads, stream](xf, _i(A), _i(p.cols), wpm, wpm2, wpn)
-    grid, block = _finalize_launch(C)
-    walpha, wmean = wrap(alpha), wrap(mean)
-    k["stats_finalize"][grid, block, stream](
-        wpm, wpm2, wpn, _i(p.S), _i(C), _i(p.G), np.float64(eps), wrap(weight), wmean,
-        wrap(var), wrap(invstd), walpha)
-    _apply(k, p, xf, yf, wmean, walpha, wrap(bias), stream)
-    return y3, mean, var, invstd
+    k, kdt = _kernels_for(dtype, kernel_table)
+
+    def kernel(name):
+        def launch(grid, block, args):
+            k[name][grid, block, stream](*args)
+
+        return launch
+
+    return _cuda_shim.Launcher(
+        empty=empty, empty_like=lambda a: empty(a.shape, a.dtype),
+        data=lambda a: wrap(_as_kernel_data(a, kdt)), arr=wrap, kernel=kernel, i32=np.int64,
+        num_sms=num_sms, plan_kw=plan_kw, vectorize=False, ptr=lambda a: 0)
 
 
-def _apply(k, p, xf, yf, mean, alpha, beta, stream):
-    if p.family == "cf":
-        k["apply_cf"][p.grid_apply, p.threads, stream](
-            xf, yf, _i(p.A), _i(p.C), _i(p.B), _i(p.bch), _i(p.nbc), mean, alpha, beta)
-    else:
-        k["apply_cl"][p.grid_apply, p.threads, stream](
-            xf, yf, _i(p.A), _i(p.cols), _i(p.G), mean, alpha, beta)
+def _forward_train(x3, weight, bias, eps, **ctx):
+    """Training forward on any arrays the kernels accept; `ctx` as :func:`launcher` takes
+    it. See :func:`forward_train`."""
+    return _gpu_batchnorm.forward_train(launcher(x3.dtype, kernels, **ctx), x3, weight, bias,
+                                        eps)
 
 
-def _forward_eval(x3, mean, var, weight, bias, eps, *, empty, wrap, stream, num_sms,
-                  plan_kw, pointers=()):
+def _forward_eval(x3, mean, var, weight, bias, eps, **ctx):
     """Evaluation forward on any arrays the kernels accept; see :func:`forward_eval`."""
-    sd = stats_dtype(x3.dtype)
-    A, C, B = (int(s) for s in x3.shape)
-    y3 = empty(x3.shape, x3.dtype)
-    if x3.size == 0:
-        return y3
-    k, kdt = _kernels_for(x3.dtype)
-    p = _cuda_shim.plan(A, C, B, x3.dtype.itemsize, num_sms, pointers,
-                        vectorize=False, **plan_kw)
-    alpha = empty((C,), sd)
-    walpha = wrap(alpha)
-    k["eval_prep"][(-(-C // 64),), (64,), stream](wrap(var), wrap(weight), _i(C),
-                                                  np.float64(eps), walpha)
-    _apply(k, p, wrap(_as_kernel_data(x3, kdt)), wrap(_as_kernel_data(y3, kdt)), wrap(mean),
-           walpha, wrap(bias), stream)
-    return y3
+    return _gpu_batchnorm.forward_eval(launcher(x3.dtype, kernels, **ctx), x3, mean, var,
+                                       weight, bias, eps)
 
 
-def _backward(dy3, x3, mean, invstd, weight, *, empty, wrap, stream, num_sms, plan_kw,
-              pointers=()):
+def _backward(dy3, x3, mean, invstd, weight, **ctx):
     """Backward pass on any arrays the kernels accept; see :func:`backward`."""
-    sd = stats_dtype(x3.dtype)
-    A, C, B = (int(s) for s in x3.shape)
-    dx3 = empty(x3.shape, x3.dtype)
-    dweight, dbias = empty((C,), sd), empty((C,), sd)
-    if x3.size == 0:
-        return dx3, dweight, dbias
-    k, kdt = _kernels_for(x3.dtype)
-    p = _cuda_shim.plan(A, C, B, x3.dtype.itemsize, num_sms, pointers,
-                        vectorize=False, **plan_kw)
-    ps1, ps2 = empty((p.S * p.cols,), sd), empty((p.S * p.cols,), sd)
-    k1, k2, k3 = empty((C,), sd), empty((C,), sd), empty((C,), sd)
-    dyf, xf, dxf = (wrap(_as_kernel_data(a, kdt)) for a in (dy3, x3, dx3))
-    wmean, wps1, wps2 = wrap(mean), wrap(ps1), wrap(ps2)
-    wk1, wk2, wk3 = wrap(k1), wrap(k2), wrap(k3)
-    if p.family == "cf":
-        k["bwd_reduce_cf"][p.grid_reduce, p.threads, stream](
-            dyf, xf, _i(A), _i(C), _i(B), _i(p.bch), _i(p.nbc), wmean, wps1, wps2)
-    else:
-        k["bwd_reduce_cl"][p.grid_reduce, p.threads, stream](
-            dyf, xf, _i(A), _i(p.cols), _i(p.G), wmean, wps1, wps2)
-    grid, block = _finalize_launch(C)
-    k["bwd_finalize"][grid, block, stream](
-        wps1, wps2, _i(p.S), _i(C), _i(p.G), np.float64(A * B), wrap(invstd), wrap(weight),
-        wrap(dweight), wrap(dbias), wk1, wk2, wk3)
-    if p.family == "cf":
-        k["bwd_apply_cf"][p.grid_apply, p.threads, stream](
-            dyf, xf, dxf, _i(A), _i(C), _i(B), _i(p.bch), _i(p.nbc), wmean, wk1, wk2, wk3)
-    else:
-        k["bwd_apply_cl"][p.grid_apply, p.threads, stream](
-            dyf, xf, dxf, _i(A), _i(p.cols), _i(p.G), wmean, wk1, wk2, wk3)
-    return dx3, dweight, dbias
+    return _gpu_batchnorm.backward(launcher(x3.dtype, kernels, **ctx), dy3, x3, mean, invstd,
+                                   weight)
 
 
 # ----------------------------------------------------------------------------------------
@@ -783,3 +938,89 @@ def backward(dy3, x3, mean, invstd, weight):
     """
     with _on_device(x3):
         return _backward(dy3, x3, mean, invstd, weight, **_gpu_context(x3))
+
+
+# ----------------------------------------------------------------------------------------
+# layer norm and RMS norm
+# ----------------------------------------------------------------------------------------
+
+
+def _rows(fn, x2, *args):
+    with _on_device(x2):
+        return fn(launcher(x2.dtype, row_kernels, **_gpu_context(x2)), *args)
+
+
+def layer_norm_forward(x2, weight, bias, eps):
+    """Layer norm of each row of `x2`; see :mod:`fastbn.backends` for the contract.
+
+    Parameters
+    ----------
+    x2 : cupy.ndarray
+        C-contiguous ``(R, N)`` input, ``R, N >= 1``.
+    weight, bias : cupy.ndarray
+        Length-``N`` parameters of dtype ``stats_dtype(x2.dtype)``.
+    eps : float
+        Added to the variance.
+
+    Returns
+    -------
+    y2, mean, rstd : cupy.ndarray
+    """
+    return _rows(_gpu_rows.layer_norm_forward, x2, x2, weight, bias, eps)
+
+
+def layer_norm_backward(dy2, x2, mean, rstd, weight):
+    """Gradients of :func:`layer_norm_forward`.
+
+    Parameters
+    ----------
+    dy2, x2 : cupy.ndarray
+        C-contiguous ``(R, N)`` upstream gradient and forward input.
+    mean, rstd : cupy.ndarray
+        Length-``R`` statistics of the forward.
+    weight : cupy.ndarray
+        Length-``N`` weight.
+
+    Returns
+    -------
+    dx2, dweight, dbias : cupy.ndarray
+    """
+    return _rows(_gpu_rows.layer_norm_backward, x2, dy2, x2, mean, rstd, weight)
+
+
+def rms_norm_forward(x2, weight, eps):
+    """RMS norm of each row of `x2`: ``y2 = x2 * rstd * weight``.
+
+    Parameters
+    ----------
+    x2 : cupy.ndarray
+        C-contiguous ``(R, N)`` input.
+    weight : cupy.ndarray
+        Length-``N`` weight.
+    eps : float
+        Added to the mean square.
+
+    Returns
+    -------
+    y2, rstd : cupy.ndarray
+    """
+    return _rows(_gpu_rows.rms_norm_forward, x2, x2, weight, eps)
+
+
+def rms_norm_backward(dy2, x2, rstd, weight):
+    """Gradients of :func:`rms_norm_forward`.
+
+    Parameters
+    ----------
+    dy2, x2 : cupy.ndarray
+        C-contiguous ``(R, N)`` upstream gradient and forward input.
+    rstd : cupy.ndarray
+        Length-``R`` statistics of the forward.
+    weight : cupy.ndarray
+        Length-``N`` weight.
+
+    Returns
+    -------
+    dx2, dweight : cupy.ndarray
+    """
+    return _rows(_gpu_rows.rms_norm_backward, x2, dy2, x2, rstd, weight)

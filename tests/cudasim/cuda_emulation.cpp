@@ -1,5 +1,6 @@
-// A CPU emulation of the CUDA execution model, just large enough to run
-// fastbn/kernels/batchnorm.cu unchanged on a machine without a GPU (test use only).
+// A CPU emulation of the CUDA execution model, just large enough to run the kernel files
+// of fastbn/kernels (batchnorm.cu, rownorm.cu) unchanged on a machine without a GPU (test
+// use only).
 //
 // Blocks run one after the other; the threads of a block run concurrently as
 // std::threads, so __syncthreads() is a std::barrier over the block and __shared__
@@ -11,9 +12,12 @@
 // the results of cuda_bf16.h (exact widening; rounding to nearest even, a NaN becoming the
 // canonical NaN 0x7FFF, as cvt.rn.bf16.f32 does).
 //
-// Built by tests/cudasim/test_cuda_c_emulated.py as a shared library per dtype:
+// Built by tests/cudasim/test_cuda_c_emulated.py as a shared library per (kernel file,
+// dtype), from a directory holding the source as the backend hands it to NVRTC (headers
+// inlined) as kernels.cu, and kernel_table.inc, one FASTBN_EMU_KERNEL(name) line per
+// extern "C" kernel of that source:
 //   g++ -std=c++20 -O1 -pthread -shared -fPIC -DFASTBN_DTYPE=<0|1|2|3> -DFASTBN_HOST_EMULATION
-//       -I fastbn/kernels cuda_emulation.cpp
+//       -I <that directory> cuda_emulation.cpp
 // and driven like the CUDA driver API: fastbn_emu_launch(name, grid, block, args, sizes)
 // with `args` an array of pointers to the argument values and `sizes` their byte sizes,
 // checked against the kernel's parameter types.
@@ -93,7 +97,7 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) {
 }
 #endif
 
-#include "batchnorm.cu"
+#include "kernels.cu"
 
 namespace emu {
 
@@ -143,14 +147,7 @@ Thunk thunk(void (*k)(P...)) {
 
 const std::map<std::string, Thunk>& kernels() {
     static const std::map<std::string, Thunk> table = {
-        FASTBN_EMU_KERNEL(bn_stats_cf),      FASTBN_EMU_KERNEL(bn_stats_cl4),
-        FASTBN_EMU_KERNEL(bn_stats_cl1),     FASTBN_EMU_KERNEL(bn_stats_finalize),
-        FASTBN_EMU_KERNEL(bn_eval_prep),     FASTBN_EMU_KERNEL(bn_apply_cf),
-        FASTBN_EMU_KERNEL(bn_apply_cl4),     FASTBN_EMU_KERNEL(bn_apply_cl1),
-        FASTBN_EMU_KERNEL(bn_bwd_reduce_cf), FASTBN_EMU_KERNEL(bn_bwd_reduce_cl4),
-        FASTBN_EMU_KERNEL(bn_bwd_reduce_cl1), FASTBN_EMU_KERNEL(bn_bwd_finalize),
-        FASTBN_EMU_KERNEL(bn_bwd_apply_cf),  FASTBN_EMU_KERNEL(bn_bwd_apply_cl4),
-        FASTBN_EMU_KERNEL(bn_bwd_apply_cl1),
+#include "kernel_table.inc"
     };
     return table;
 }

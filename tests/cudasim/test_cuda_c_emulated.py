@@ -17,6 +17,7 @@ tests compile the same file).
 from __future__ import annotations
 
 import ctypes
+import re
 import shutil
 import subprocess
 import sys
@@ -64,6 +65,8 @@ class FakeKernel:
                 values.append(ctypes.c_int(int(a)))
             elif isinstance(a, np.float64):
                 values.append(ctypes.c_double(float(a)))
+            elif isinstance(a, np.float32):
+                values.append(ctypes.c_float(float(a)))
             else:  # CuPy would guess a C type for Python scalars: the backend never relies on it
                 raise TypeError(f"{self.name}: argument of type {type(a).__name__}")
         ptrs = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
@@ -86,7 +89,12 @@ class FakeRawModule:
         if key not in self.libs:
             d = self.build_dir / f"build{len(self.libs)}"
             d.mkdir()
-            (d / "batchnorm.cu").write_text(self.code)
+            (d / "kernels.cu").write_text(self.code)
+            names = re.findall(r'extern "C" __global__ void\s+(?:FASTBN_BOUNDS\s+)?(\w+)\(',
+                               self.code)
+            assert names, "no kernels in the source"
+            (d / "kernel_table.inc").write_text(
+                "".join(f"FASTBN_EMU_KERNEL({n}),\n" for n in names))
             out = d / "libemu.so"
             cmd = [GXX, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", dtype_opt,
                    "-DFASTBN_HOST_EMULATION", "-Wall", "-Wno-unused-function",
@@ -233,3 +241,68 @@ def test_bfloat16_loads_and_stores_every_pattern(cupy_raw, case):
         np.testing.assert_array_equal(y_nan, 0x7FFF)
 
     check_bf16_every_pattern(x3, y, alpha, beta, canonical)
+
+
+# ----------------------------------------------------------------------------------------
+# layer norm and RMS norm (fastbn/kernels/rownorm.cu, host code fastbn.backends._gpu_rows)
+# ----------------------------------------------------------------------------------------
+
+ROW_SHAPES = {
+    "warp": (5, 100),        # one warp per row, vector loads, aligned rows
+    "odd": (7, 37),          # rows of odd length: per-row scalar heads and tails
+    "wide": (3, 3000),       # 256-thread blocks: block merges over several warps
+    "N1": (4, 1),            # one value per row: var = 0, rstd = 1/sqrt(eps)
+    "rows": (300, 8),        # grid-stride over rows; column partials in several splits
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("case", list(ROW_SHAPES))
+def test_row_kernels_against_reference(cupy_raw, case, dtype):
+    from _rowbounds import run_rows
+
+    rng = np.random.default_rng(zlib.crc32(f"emu-rows-{case}-{np.dtype(dtype).name}".encode()))
+    run_rows(cupy_raw, rng, ROW_SHAPES[case], dtype, offset_ratio=3.0, view=to_fake,
+             param=to_fake)
+
+
+def test_row_cases_cover_the_plan():
+    from fastbn.backends import _gpu_rows
+
+    sms = FakeDevice.attributes["MultiProcessorCount"]
+
+    def p(case, ptrs=()):
+        return _gpu_rows.row_plan(*ROW_SHAPES[case], 4, sms, ptrs)
+
+    assert p("warp").threads == 32 and p("wide").threads == 256
+    assert p("rows").grid < ROW_SHAPES["rows"][0]  # blocks take several rows each
+    assert p("rows").S > 1  # several partial column sums go through the finalize kernel
+    assert p("odd", (16, 32)).vec_ok == 1 and p("odd", (16, 20)).vec_ok == 0
+
+
+def test_row_kernels_misaligned_and_large_offset(cupy_raw):
+    """x one element past an aligned allocation (no vector path: its pointer is not
+    congruent to y's), and rows with |mean| / std = 1e4 in float32."""
+    from _rowbounds import run_rows
+
+    def view(a):
+        buf = np.empty(a.size + 1, a.dtype).view(FakeArray)
+        v = buf[1:].reshape(a.shape)
+        v[...] = a
+        return v
+
+    run_rows(cupy_raw, np.random.default_rng(3), (6, 400), np.float32, view=view, param=to_fake)
+    run_rows(cupy_raw, np.random.default_rng(4), (6, 400), np.float32, offset_ratio=1e4,
+             view=to_fake, param=to_fake)
+
+
+def test_row_kernels_constant_row_eps0(cupy_raw):
+    """A constant row with eps = 0: var = 0, rstd = 0 (the contract), y = bias exactly."""
+    x2 = np.full((2, 64), 0.1, np.float32)
+    x2[1] = np.random.default_rng(2).standard_normal(64)
+    w, b = np.full(64, 2.0, np.float32), np.full(64, 0.25, np.float32)
+    y, mean, rstd = cupy_raw.layer_norm_forward(to_fake(x2), to_fake(w), to_fake(b), 0.0)
+    assert mean[0] == np.float32(0.1) and rstd[0] == 0 and rstd[1] > 0
+    assert (np.asarray(y)[0] == np.float32(0.25)).all()
+    y, rstd = cupy_raw.rms_norm_forward(to_fake(np.zeros((1, 8), np.float32)), to_fake(w[:8]), 0.0)
+    assert rstd[0] == 0 and (np.asarray(y) == 0).all()

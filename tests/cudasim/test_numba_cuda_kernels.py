@@ -24,7 +24,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastbn.backends import _cuda_shim
+from fastbn.backends import _cuda_shim, _gpu_rows
 from fastbn.backends import numba_cuda as nc
 
 from _bounds import (BF16_PATTERN_CASES, K, bf16_every_pattern, check_bf16_every_pattern,
@@ -210,10 +210,14 @@ _PTX_SCRIPT = textwrap.dedent("""
     for dt in (np.float16, np.float32, np.float64, ml_dtypes.bfloat16):
         k, kdt = nc._kernels_for(dt)  # bfloat16: uint16 bits
         codes = {"x": arr(kdt), "s": arr(nc.stats_dtype(dt)), "i": arr(np.int32),
-                 "I": types.int64, "F": types.float64}
-        for name, sig in nc.KERNEL_SIGNATURES.items():
+                 "I": types.int64, "F": types.float64,
+                 "E": numba.from_dtype(nc.stats_dtype(dt))}
+        kr, _ = nc._kernels_for(dt, nc.row_kernels)
+        table = [(k, name, sig) for name, sig in nc.KERNEL_SIGNATURES.items()]
+        table += [(kr, name, sig) for name, sig in nc.ROW_KERNEL_SIGNATURES.items()]
+        for kk, name, sig in table:
             try:
-                ptx, _ = cuda.compile_ptx(k[name].py_func, tuple(codes[c] for c in sig),
+                ptx, _ = cuda.compile_ptx(kk[name].py_func, tuple(codes[c] for c in sig),
                                           cc=(8, 0))
             except Exception as exc:
                 text = f"{type(exc).__name__}: {exc}"
@@ -224,7 +228,7 @@ _PTX_SCRIPT = textwrap.dedent("""
             assert ".entry" in ptx, name
             # float16/float32 data kernels must not fall back to float64 arithmetic
             # (only the tiny per-channel finalize kernels use double on purpose)
-            if dt != np.float64 and "finalize" not in name and name != "eval_prep":
+            if dt != np.float64 and "finalize" not in name and name != "bn_eval_prep":
                 f64 = sorted(set(re.findall(r"\\b[a-z]+(?:\\.[a-z0-9]+)*\\.f64\\b", ptx)))
                 if f64:
                     print(f"FAIL {np.dtype(dt).name} {name} uses float64: {f64}"); sys.exit(1)
@@ -241,7 +245,7 @@ def test_compile_ptx_every_kernel_signature():
     if proc.returncode == 77:
         pytest.skip(out.strip().splitlines()[-1])
     assert proc.returncode == 0, out
-    assert f"OK {4 * len(nc.KERNEL_SIGNATURES)}" in out, out
+    assert f"OK {4 * (len(nc.KERNEL_SIGNATURES) + len(nc.ROW_KERNEL_SIGNATURES))}" in out, out
 
 
 def _repo_root():
@@ -281,3 +285,88 @@ def test_backend_entry_points_with_cupy_stand_in(monkeypatch):
         res = nc.backward(to_fake(dy3), to_fake(x3), mean, invstd, to_fake(w))
         check_backward(dy3, x3, np.asarray(mean), np.asarray(invstd), w,
                        tuple(np.asarray(a) for a in res))
+
+
+# ----------------------------------------------------------------------------------------
+# layer norm and RMS norm: row_kernels() through the host code shared with the cupy
+# backend (fastbn.backends._gpu_rows)
+# ----------------------------------------------------------------------------------------
+
+
+class _SimRows:
+    """The four row-norm contract functions on NumPy arrays in the simulator."""
+
+    @staticmethod
+    def _L(x2):
+        return nc.launcher(x2.dtype, nc.row_kernels, **SIM)
+
+    def layer_norm_forward(self, x2, w, b, eps):
+        return _gpu_rows.layer_norm_forward(self._L(x2), x2, w, b, eps)
+
+    def layer_norm_backward(self, dy2, x2, mean, rstd, w):
+        return _gpu_rows.layer_norm_backward(self._L(x2), dy2, x2, mean, rstd, w)
+
+    def rms_norm_forward(self, x2, w, eps):
+        return _gpu_rows.rms_norm_forward(self._L(x2), x2, w, eps)
+
+    def rms_norm_backward(self, dy2, x2, rstd, w):
+        return _gpu_rows.rms_norm_backward(self._L(x2), dy2, x2, rstd, w)
+
+
+ROW_SHAPES = {
+    "short": (5, 20),      # rows shorter than the block
+    "long": (3, 300),      # several values per thread
+    "N1": (4, 1),          # one value per row
+    "rows": (12, 8),       # column partials in several splits (S > 1)
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("case", list(ROW_SHAPES))
+def test_row_kernels_against_reference(case, dtype):
+    from _rowbounds import run_rows
+
+    rng = np.random.default_rng(zlib.crc32(f"rows-{case}-{np.dtype(dtype).name}".encode()))
+    run_rows(_SimRows(), rng, ROW_SHAPES[case], dtype, offset_ratio=3.0)
+
+
+def test_row_plan_of_cases():
+    plan = lambda case: _gpu_rows.row_plan(*ROW_SHAPES[case], 4, SIM["num_sms"], (),  # noqa: E731
+                                           max_threads=32, vectorize=False)
+    assert plan("rows").S > 1 and plan("rows").col_block == (8, 4)
+    assert plan("long").threads == 32 and plan("long").vec_ok == 0
+
+
+def test_row_kernels_large_offset_and_constant_row():
+    from _rowbounds import run_rows
+
+    run_rows(_SimRows(), np.random.default_rng(8), (3, 200), np.float32, offset_ratio=1e4)
+    x2 = np.full((1, 40), 0.1, np.float32)
+    w, b = np.full(40, 2.0, np.float32), np.full(40, 0.25, np.float32)
+    y, mean, rstd = _SimRows().layer_norm_forward(x2, w, b, 0.0)
+    assert mean[0] == np.float32(0.1) and rstd[0] == 0 and (y == np.float32(0.25)).all()
+
+
+def test_row_entry_points_with_cupy_stand_in(monkeypatch):
+    """The backend's four row functions as the API calls them on CuPy arrays."""
+    from _fake_cupy import FakeArray, make_fake_cupy, to_fake
+    from _rowbounds import run_rows
+
+    cuda = _cuda_shim.numba_cuda_module()
+    monkeypatch.setitem(sys.modules, "cupy", make_fake_cupy())
+    monkeypatch.setattr(cuda, "as_cuda_array", lambda a, sync=True: a, raising=False)
+    monkeypatch.setattr(nc, "_num_sms", lambda device_id: 1)
+    monkeypatch.setattr(_cuda_shim, "MAX_THREADS", 32)
+    seen = []
+
+    class Spy:
+        def __getattr__(self, name):
+            def call(*args):
+                out = getattr(nc, name)(*args)
+                seen.append(all(isinstance(a, FakeArray) for a in out))
+                return out
+
+            return call
+
+    run_rows(Spy(), np.random.default_rng(11), (6, 50), np.float32, view=to_fake, param=to_fake)
+    assert seen == [True] * 4
