@@ -13,6 +13,7 @@ canonical views.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -20,7 +21,8 @@ import numpy as np
 from . import _validation as v
 from . import backends as _backends
 
-__all__ = ["fast_backend", "kernel", "param", "prepare", "select_backend", "stats_dtype", "wrap"]
+__all__ = ["fast_array", "fast_backend", "fast_eps", "fast_momentum", "fast_running_stats",
+           "kernel", "param", "prepare", "select_backend", "stats_dtype", "wrap"]
 
 
 _default_backend = {}
@@ -95,12 +97,12 @@ def param(arr, default: float, c: int, be, sd):
 
 
 def wrap(wrap, *arrays):
+    """The results as the caller's kind of array (`wrap` from :func:`prepare`; None keeps
+    them); one array alone, several as a tuple."""
     if wrap is None:
         return arrays if len(arrays) > 1 else arrays[0]
     out = tuple(wrap(a) for a in arrays)
     return out if len(out) > 1 else out[0]
-
-
 
 
 def prepare(x, backend, min_ndim: int = 2):
@@ -154,3 +156,41 @@ def kernel(be, name: str):
                         + ", ".join(n for n in _backends.available_backends()
                                     if hasattr(_backends.get_backend(n), name)))
     return fn
+
+
+# --------------------------------------------------------------------------- the fast path
+# Small tensors spend as long in argument checks as in the kernel. Every public function
+# first tries the fast path: x through fast_backend, its other arguments through the
+# predicates below (a few inline tests each). Anything else, valid or not, takes the general
+# path, which does the full validation and raises the errors; the fast path accepts a subset
+# of what the general path accepts and computes the same thing (param() converts dtypes).
+
+
+def fast_array(p, shape: tuple) -> bool:
+    """`p` is None, or a plain NumPy float array of exactly `shape` (a weight, a bias, saved
+    statistics)."""
+    return p is None or (type(p) is np.ndarray and p.shape == shape
+                         and p.dtype in v.FLOAT_DTYPES)
+
+
+def fast_eps(eps) -> bool:
+    """`eps` is a Python float in ``[0, inf)``."""
+    return type(eps) is float and 0.0 <= eps < math.inf
+
+
+def fast_momentum(momentum) -> bool:
+    """`momentum` is a Python float in ``[0, 1]``."""
+    return type(momentum) is float and 0.0 <= momentum <= 1.0
+
+
+def fast_running_stats(rm, rv, c: int, training: bool) -> bool:
+    """Both running statistics are plain, distinct NumPy float arrays of length `c`
+    (writable in training) that own their memory (so cannot overlap); or both are None."""
+    if rm is None:
+        return rv is None
+    if not (type(rm) is np.ndarray and type(rv) is np.ndarray and rm is not rv
+            and rm.shape == (c,) and rv.shape == (c,) and rm.dtype in v.FLOAT_DTYPES
+            and rv.dtype in v.FLOAT_DTYPES):
+        return False
+    f, g = rm.flags, rv.flags
+    return f.owndata and g.owndata and (not training or (f.writeable and g.writeable))

@@ -20,6 +20,10 @@ import numpy as np
 from . import _pipeline
 from . import _validation as v
 from ._layout import canonical, restore, same_layout
+from ._pipeline import fast_array as _fast_array
+from ._pipeline import fast_eps as _fast_eps
+from ._pipeline import fast_momentum as _fast_momentum
+from ._pipeline import fast_running_stats as _fast_running_stats
 from ._pipeline import param as _param
 from ._pipeline import select_backend as _select_backend  # noqa: F401 - fastbn.torch uses it
 from ._pipeline import stats_dtype as _stats_dtype
@@ -36,11 +40,7 @@ def _prepare(x, axis, backend):
 
 
 # --------------------------------------------------------------------------- fast path
-# Small tensors spend as long in argument checks as in the kernel. The common case (C-order
-# NumPy input of a dtype the default backend takes, plain NumPy parameters, Python-float
-# eps and momentum) is recognized with a few inline tests; anything else, valid or not, takes
-# the general path, which does the full validation and raises the errors. The fast path
-# accepts a subset of what the general path accepts and computes the same thing.
+# (the checks are fastbn._pipeline's; this is batch norm's canonical view of a fast x)
 
 
 def _fast_x(x, axis, backend):
@@ -58,28 +58,6 @@ def _fast_x(x, axis, backend):
     if nd == 2:
         return be, x.reshape(shape[0], shape[1], 1) if ax == 1 else x.reshape(1, shape[0], shape[1])
     return be, x.reshape(math.prod(shape[:ax]), shape[ax], math.prod(shape[ax + 1:]))
-
-
-def _fast_param(p, c) -> bool:
-    return p is None or (type(p) is np.ndarray and p.shape == (c,) and p.dtype in v.FLOAT_DTYPES)
-
-
-def _fast_running(rm, rv, c, training) -> bool:
-    """Both running stats are plain, distinct NumPy arrays of length `c` (writable in
-    training) that own their memory (so cannot overlap); or both are None."""
-    if rm is None:
-        return rv is None
-    if not (type(rm) is np.ndarray and type(rv) is np.ndarray and rm is not rv
-            and rm.shape == (c,) and rv.shape == (c,) and rm.dtype in v.FLOAT_DTYPES
-            and rv.dtype in v.FLOAT_DTYPES):
-        return False
-    f, g = rm.flags, rv.flags
-    return f.owndata and g.owndata and (not training or (f.writeable and g.writeable))
-
-
-def _fast_scalars(eps, momentum) -> bool:
-    return (type(eps) is float and 0.0 <= eps < math.inf and type(momentum) is float
-            and 0.0 <= momentum <= 1.0)
 
 
 # --------------------------------------------------------------------------- training forward
@@ -188,11 +166,12 @@ def batch_norm_forward(x, weight=None, bias=None, *, eps=1e-5, axis=1, running_m
     True
     """
     fast = _fast_x(x, axis, backend)
-    if fast is not None and _fast_scalars(eps, momentum):
+    if fast is not None and _fast_eps(eps) and _fast_momentum(momentum):
         be, x3 = fast
         c = x3.shape[1]
-        if (x3.shape[0] * x3.shape[2] > 1 and _fast_param(weight, c) and _fast_param(bias, c)
-                and _fast_running(running_mean, running_var, c, True)):
+        if (x3.shape[0] * x3.shape[2] > 1 and _fast_array(weight, (c,))
+                and _fast_array(bias, (c,))
+                and _fast_running_stats(running_mean, running_var, c, True)):
             return _forward_train3(x3, None, x.shape, be, _stats_dtype(be, x.dtype), weight,
                                    bias, eps, running_mean, running_var, momentum)
     arr, lib, wrap, be, ax = _prepare(x, axis, backend)
@@ -253,11 +232,12 @@ def batch_norm(x, running_mean=None, running_var=None, weight=None, bias=None, t
     True
     """
     fast = _fast_x(x, axis, backend)
-    if fast is not None and type(training) is bool and _fast_scalars(eps, momentum):
+    if (fast is not None and type(training) is bool and _fast_eps(eps)
+            and _fast_momentum(momentum)):
         be, x3 = fast
         c = x3.shape[1]
-        if (_fast_param(weight, c) and _fast_param(bias, c)
-                and _fast_running(running_mean, running_var, c, training)):
+        if (_fast_array(weight, (c,)) and _fast_array(bias, (c,))
+                and _fast_running_stats(running_mean, running_var, c, training)):
             sd = _stats_dtype(be, x.dtype)
             if training:
                 if x3.shape[0] * x3.shape[2] > 1:
@@ -348,7 +328,8 @@ def batch_norm_backward(dy, x, save_mean, save_invstd, weight=None, *, axis=1, b
             and save_mean is not None and save_invstd is not None):
         be, x3 = fast
         c = x3.shape[1]
-        if _fast_param(save_mean, c) and _fast_param(save_invstd, c) and _fast_param(weight, c):
+        if (_fast_array(save_mean, (c,)) and _fast_array(save_invstd, (c,))
+                and _fast_array(weight, (c,))):
             sd = _stats_dtype(be, x.dtype)
             dx3, dweight, dbias = be.backward(
                 dy.reshape(x3.shape), x3, _param(save_mean, 0.0, c, be, sd),

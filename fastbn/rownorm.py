@@ -83,15 +83,6 @@ def _prepare_backward(dy, x, normalized_shape, weight, stats, backend, op):
     return arr, wrap, be, ns, fn, sd, x2, dy2, stats2, w
 
 
-def _fast_vector(p, ns, sd) -> bool:
-    return p is None or (type(p) is np.ndarray and p.shape == ns and p.dtype == sd
-                         and p.flags.c_contiguous)
-
-
-def _fast_eps(eps) -> bool:
-    return type(eps) is float and 0.0 <= eps < math.inf
-
-
 def _vector(p, default, n, be, sd):
     """A weight or bias (shape `normalized_shape`) as the kernels take it: a contiguous
     length-`n` array of the statistics dtype; None becomes `default`s."""
@@ -166,10 +157,10 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, *,
     array([1., 4.], dtype=float32)
     """
     fast = _fast(x, normalized_shape, backend)
-    if fast is not None and _fast_eps(eps):
+    if fast is not None and _pipeline.fast_eps(eps):
         be, x2, lead, ns = fast
         sd = _pipeline.stats_dtype(be, x.dtype)
-        if _fast_vector(weight, ns, sd) and _fast_vector(bias, ns, sd):
+        if _pipeline.fast_array(weight, ns) and _pipeline.fast_array(bias, ns):
             n = x2.shape[1]
             y2, mean, rstd = _pipeline.kernel(be, "layer_norm_forward")(
                 x2, _vector(weight, 1.0, n, be, sd), _vector(bias, 0.0, n, be, sd), eps)
@@ -300,10 +291,10 @@ def rms_norm_forward(x, normalized_shape, weight=None, eps=None, *, backend=None
     array([[0.8485, 1.1314]])
     """
     fast = _fast(x, normalized_shape, backend)
-    if fast is not None and (eps is None or _fast_eps(eps)):
+    if fast is not None and (eps is None or _pipeline.fast_eps(eps)):
         be, x2, lead, ns = fast
         sd = _pipeline.stats_dtype(be, x.dtype)
-        if _fast_vector(weight, ns, sd):
+        if _pipeline.fast_array(weight, ns):
             y2, rstd = _pipeline.kernel(be, "rms_norm_forward")(
                 x2, _vector(weight, 1.0, x2.shape[1], be, sd), _rms_eps(eps, x.dtype))
             return y2.reshape(x.shape), rstd.reshape(lead)
