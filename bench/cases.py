@@ -137,3 +137,32 @@ def memcpy_bytes(shape: Shape, dtype: str) -> int:
 def group_name(op: str, shape: Shape, dtype: str) -> str:
     """pytest-benchmark group: one per (operation, shape, layout, dtype)."""
     return f"{op} {shape.label} {dtype}"
+
+
+# ----------------------------------------------------------------------------------------
+# layer norm and RMS norm
+# ----------------------------------------------------------------------------------------
+
+#: the timed row-norm operations: forward, and forward + backward (with respect to x,
+#: weight and, for layer norm, bias)
+ROW_OPS = ("layer-norm", "layer-norm-fwd-bwd", "rms-norm", "rms-norm-fwd-bwd")
+#: ideal DRAM traffic per element (units of the element size): the forward reads x and
+#: writes y (2s); the backward reads x and dy and writes dx (3s), 5s with the forward
+ROW_BYTES_PER_ELEMENT = {"layer-norm": 2, "layer-norm-fwd-bwd": 5, "rms-norm": 2,
+                         "rms-norm-fwd-bwd": 5}
+#: transformer shapes (rows, hidden size); the last one is a small call
+ROW_SHAPES = [(16384, 1024), (4096, 4096), (2048, 12288), (65536, 128), (64, 128)]
+ROW_QUICK_SHAPES = [(512, 1024), (64, 128)]
+
+
+def row_shapes_for(quick: bool) -> list[tuple[int, int]]:
+    return list(ROW_QUICK_SHAPES if quick else ROW_SHAPES)
+
+
+def row_label(shape: tuple[int, int]) -> str:
+    return f"{shape[0]}x{shape[1]}"
+
+
+def row_group_name(op: str, shape: tuple[int, int], dtype: str) -> str:
+    """pytest-benchmark group of a row-norm case (``rows ...`` keeps them apart)."""
+    return f"rows {op} {row_label(shape)} {dtype}"

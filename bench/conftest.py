@@ -28,8 +28,9 @@ if "NUMBA_CACHE_DIR" not in os.environ:
         _jitcache.source_digest())
 
 import machine
-from cases import OPS, dtypes_for, shapes_for
+from cases import OPS, ROW_OPS, dtypes_for, row_label, row_shapes_for, shapes_for
 from impls import BenchData, all_impls
+from row_impls import ROW_IMPLS
 
 # pytest-benchmark's defaults, which --quick replaces unless given on the command line.
 _QUICK_TIMING = {
@@ -78,9 +79,10 @@ def pytest_configure(config):
                 setattr(config.option, opt, type(current)(quick) if isinstance(current, str) else quick)
     ops = _csv(config.getoption("--bench-ops"))
     if ops:
-        bad = sorted(set(ops) - set(OPS))
+        bad = sorted(set(ops) - set(OPS) - set(ROW_OPS))
         if bad:
-            raise pytest.UsageError(f"--bench-ops: unknown operation(s) {bad}; expected some of {list(OPS)}")
+            raise pytest.UsageError(f"--bench-ops: unknown operation(s) {bad}; expected some of "
+                                    f"{list(OPS) + list(ROW_OPS)}")
     dtypes = _csv(config.getoption("--bench-dtypes"))
     if dtypes:
         bad = sorted(set(dtypes) - {"float16", "float32", "float64"})
@@ -100,6 +102,8 @@ def pytest_sessionstart(session):
 
 
 def pytest_generate_tests(metafunc):
+    if "row_case" in metafunc.fixturenames:
+        _generate_row_cases(metafunc)
     if "case" not in metafunc.fixturenames:
         return
     cfg = metafunc.config
@@ -118,6 +122,24 @@ def pytest_generate_tests(metafunc):
                     cases.append((op, shape, dtype, impl))
                     ids.append(f"{op}-{shape.label}-{dtype}-{impl.name}")
     metafunc.parametrize("case", cases, ids=ids)
+
+
+def _generate_row_cases(metafunc):
+    """Layer-norm and RMS-norm cases (``test_rownorm.py``): float32 on the row shapes,
+    memcpy first in every group; ``--bench-impls`` and ``--bench-ops`` filter them too
+    (``--bench-ops`` with batch-norm operations only leaves no row cases)."""
+    cfg = metafunc.config
+    only = _csv(cfg.getoption("--bench-impls"))
+    names = [n for n in ROW_IMPLS if n == "memcpy" or not only or n in only]
+    requested = _csv(cfg.getoption("--bench-ops"))
+    ops = [o for o in ROW_OPS if not requested or o in requested]
+    cases, ids = [], []
+    for shape in row_shapes_for(cfg.getoption("--quick")):
+        for op in ops:
+            for name in names:
+                cases.append((op, shape, "float32", name))
+                ids.append(f"{op}-{row_label(shape)}-float32-{name}")
+    metafunc.parametrize("row_case", cases, ids=ids)
 
 
 class _DataCache:

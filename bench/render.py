@@ -4,7 +4,8 @@ Usage::
 
     python bench/render.py bench/results/cpu-DATE.json \\
         [--first-call bench/results/first-call-DATE.json] \\
-        [--notes NOTES.md] [--markdown docs/performance.md] [--png docs/bench.png]
+        [--notes NOTES.md] [--markdown docs/performance.md] [--png docs/bench.png] \\
+        [--rows bench/results/rows-DATE.json [--rows-notes ROWS.md]]
 
 Reads the JSON that ``pytest bench/ --benchmark-json FILE`` writes and produces:
 
@@ -13,6 +14,11 @@ Reads the JSON that ``pytest bench/ --benchmark-json FILE`` writes and produces:
   implementation, and the first-call latency if a ``first_call.py`` JSON is given;
 * ``docs/bench.png``: speed-up over each peer and effective bandwidth, per operation;
 * ``FILE.md`` next to the JSON: the same tables, kept with the raw results.
+
+``--rows`` adds the layer-norm and RMS-norm groups of a run of ``bench/test_rownorm.py``
+(a JSON of its own, so that the row benchmarks can be rerun without the batch-norm suite),
+with ``--rows-notes`` (Markdown) after their tables; ``ROWS.md`` is written next to that
+JSON too.
 
 Times are the minimum over the benchmark's rounds (the least disturbed run on a shared
 machine); effective bandwidth is the byte model of ``bench/cases.py`` divided by it.
@@ -33,7 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cases import BYTES_PER_ELEMENT, OPS  # noqa: E402
+from cases import BYTES_PER_ELEMENT, OPS, ROW_BYTES_PER_ELEMENT, ROW_OPS  # noqa: E402
 
 PRIMARY = "fastbn-cpu"
 KERNEL = PRIMARY + "-kernel"  # the backend called without the public API (small shapes)
@@ -346,8 +352,38 @@ with an empty cache (a temporary `NUMBA_CACHE_DIR`) and with a warm one.
 """
 
 
+def rows_section(rows_json: Path, notes: Path | None) -> str:
+    """The layer-norm and RMS-norm tables of a ``bench/test_rownorm.py`` run."""
+    meta, results = load(rows_json)
+    if not results:
+        raise SystemExit(f"{rows_json}: no timed row-norm benchmarks")
+    impls = impl_order(results)
+    rel = rows_json.relative_to(ROOT) if rows_json.is_relative_to(ROOT) else rows_json
+    parts = ["## Layer norm and RMS norm (pytest-benchmark suite, float32)\n",
+             f"Results: `{rel}` (`python -m pytest bench/test_rownorm.py --benchmark-json "
+             "FILE`), on this machine:\n", "\n".join(machine_lines(meta)), "",
+             "Speed-up of fastbn over each peer (peer time / fastbn time; minimum over the "
+             "rounds) and fastbn's time over a single-thread memcpy (`np.copyto`) of x:\n"]
+    for op in ROW_OPS:
+        if any(k[0] == op for k in results):
+            parts += [f"### {op}\n", speedup_section(results, op), ""]
+    parts += ["Effective bandwidth (GB/s) by the byte model (forward 2s per element, forward + "
+              "backward 5s; memcpy 2s):\n"]
+    for op in ROW_OPS:
+        if any(k[0] == op for k in results):
+            parts += [f"#### {op} ({ROW_BYTES_PER_ELEMENT[op]}s)\n",
+                      bandwidth_section(results, op, impls), ""]
+    if notes is not None:
+        parts += [notes.read_text().strip(), ""]
+    text = "\n".join(parts)
+    rows_json.with_suffix(".md").write_text(f"# Row-norm benchmark results: {rows_json.name}\n\n"
+                                            + text)
+    return text
+
+
 def render(json_path: Path, first_call: Path | None, md_path: Path, png_path: Path,
-           notes: Path | None = None) -> str:
+           notes: Path | None = None, rows: Path | None = None,
+           rows_notes: Path | None = None) -> str:
     meta, results = load(json_path)
     if not results:
         raise SystemExit(f"{json_path}: no timed fastbn benchmarks (was it run with --benchmark-disable?)")
@@ -368,7 +404,8 @@ def render(json_path: Path, first_call: Path | None, md_path: Path, png_path: Pa
         if any(k[0] == op for k in results):
             parts += [f"### {op} ({BYTES_PER_ELEMENT[op]}s bytes per element; memcpy: 2s)\n",
                       bandwidth_section(results, op, impls), ""]
-    tables = "\n".join(parts)
+    tables = "\n".join(parts)  # the batch-norm tables, kept next to their JSON
+    doc_tables = tables if rows is None else tables + "\n" + rows_section(rows, rows_notes) + "\n"
     rel_png = Path("bench.png") if png_path.parent == md_path.parent else png_path
     o = meta.get("options", {})
     timing = (f"at least {o['min_rounds']} rounds and about {float(o['max_time']):g} s per benchmark"
@@ -378,7 +415,7 @@ def render(json_path: Path, first_call: Path | None, md_path: Path, png_path: Pa
             INTRO.format(timing=timing),
             f"Results: `{json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path}`.\n",
             f"![fastbn benchmarks]({rel_png.as_posix()})\n",
-            tables,
+            doc_tables,
             CACHE_DOC,
             "### Measured\n",
             first_call_section(first_call),
@@ -401,8 +438,13 @@ def main(argv=None) -> int:
     p.add_argument("--png", type=Path, default=ROOT / "docs" / "bench.png")
     p.add_argument("--notes", type=Path, default=None,
                    help="Markdown inserted after the targets (the analysis of the run)")
+    p.add_argument("--rows", type=Path, default=None,
+                   help="pytest-benchmark JSON of bench/test_rownorm.py: adds the row-norm tables")
+    p.add_argument("--rows-notes", type=Path, default=None,
+                   help="Markdown inserted after the row-norm tables")
     args = p.parse_args(argv)
-    render(args.json.resolve(), args.first_call, args.markdown.resolve(), args.png.resolve(), args.notes)
+    render(args.json.resolve(), args.first_call, args.markdown.resolve(), args.png.resolve(),
+           args.notes, args.rows.resolve() if args.rows else None, args.rows_notes)
     print(f"wrote {args.markdown}, {args.png} and {args.json.with_suffix('.md')}")
     return 0
 

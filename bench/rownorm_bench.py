@@ -13,9 +13,10 @@ a user's call does (fastbn reuses large output buffers through its cache, torch 
 allocator). The memcpy floor is ``np.copyto`` of x into a preallocated array: one read and
 one write of x, the least any forward pass moves.
 
-* ``torch``: ``torch.nn.functional.layer_norm`` / ``rms_norm`` on the same memory
-  (``torch.from_numpy``), backward by ``torch.autograd.grad``.
-* ``numpy``: the float32 formulas written with NumPy (two-pass variance).
+The implementations and inputs are those of the pytest-benchmark suite
+(``bench/row_impls.py``): ``torch`` is ``torch.nn.functional.layer_norm`` / ``rms_norm`` on
+the same memory (``torch.from_numpy``), backward by ``torch.autograd.grad``; ``numpy`` the
+float32 formulas written with NumPy (two-pass variance), forward only.
 """
 
 from __future__ import annotations
@@ -29,21 +30,18 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import machine
+import row_impls
+from cases import ROW_QUICK_SHAPES, ROW_SHAPES
 from render import fmt_time
 from timing import time_block
 
-import fastbn
-
-SHAPES = [(16384, 1024), (4096, 4096), (2048, 12288), (65536, 128), (64, 128)]
-QUICK_SHAPES = [(512, 1024), (64, 128)]
+SHAPES, QUICK_SHAPES = ROW_SHAPES, ROW_QUICK_SHAPES
 
 
 def _block(fn, target_s):
@@ -68,54 +66,18 @@ def compare(fns, rounds, target_s):
     return out
 
 
-def _impls(op, x, w, b, dy, passes):
-    import torch
+#: (op, pass) -> the operation of row_impls (the implementations of the benchmark suite)
+_OPS = {("layer_norm", "forward"): "layer-norm", ("layer_norm", "forward+backward"): "layer-norm-fwd-bwd",
+        ("rms_norm", "forward"): "rms-norm", ("rms_norm", "forward+backward"): "rms-norm-fwd-bwd"}
 
-    n = x.shape[1]
-    xt, wt, bt, dyt = (torch.from_numpy(a) for a in (x, w, b, dy))
-    dst = np.empty_like(x)
-    fns = {"memcpy": lambda: np.copyto(dst, x)}
-    if op == "layer_norm":
-        if passes == "forward":
-            fns["fastbn"] = lambda: fastbn.layer_norm(x, n, w, b)
-            fns["torch"] = lambda: torch.nn.functional.layer_norm(xt, (n,), wt, bt)
 
-            def numpy_ln():
-                m = x.mean(axis=1, keepdims=True)
-                d = x - m
-                return d / np.sqrt((d * d).mean(axis=1, keepdims=True) + 1e-5) * w + b
-
-            fns["numpy"] = numpy_ln
-        else:
-            def fast_fb():
-                y, mean, rstd = fastbn.layer_norm_forward(x, n, w, b)
-                return fastbn.layer_norm_backward(dy, x, mean, rstd, n, w)
-
-            xg, wg, bg = (t.clone().requires_grad_(True) for t in (xt, wt, bt))
-
-            def torch_fb():
-                y = torch.nn.functional.layer_norm(xg, (n,), wg, bg)
-                return torch.autograd.grad(y, (xg, wg, bg), dyt)
-
-            fns["fastbn"], fns["torch"] = fast_fb, torch_fb
-    else:
-        if passes == "forward":
-            fns["fastbn"] = lambda: fastbn.rms_norm(x, n, w, 1e-6)
-            fns["torch"] = lambda: torch.nn.functional.rms_norm(xt, (n,), wt, 1e-6)
-            fns["numpy"] = lambda: x / np.sqrt((x * x).mean(axis=1, keepdims=True) + 1e-6) * w
-        else:
-            def fast_fb():
-                y, rstd = fastbn.rms_norm_forward(x, n, w, 1e-6)
-                return fastbn.rms_norm_backward(dy, x, rstd, n, w)
-
-            xg, wg = (t.clone().requires_grad_(True) for t in (xt, wt))
-
-            def torch_fb():
-                y = torch.nn.functional.rms_norm(xg, (n,), wg, 1e-6)
-                return torch.autograd.grad(y, (xg, wg), dyt)
-
-            fns["fastbn"], fns["torch"] = fast_fb, torch_fb
-    return fns
+def _impls(op, d, passes):
+    """memcpy, fastbn, torch (and numpy for the forward) on the inputs `d`; the backward
+    of the NumPy formulas is left out (it is not a library's implementation)."""
+    names = {"memcpy": "memcpy", "fastbn": "fastbn-cpu", "torch": "torch"}
+    if passes == "forward":
+        names["numpy"] = "numpy"
+    return {k: row_impls.build(v, _OPS[op, passes], d) for k, v in names.items()}
 
 
 def main(argv=None) -> int:
@@ -129,19 +91,15 @@ def main(argv=None) -> int:
 
     rounds = args.rounds or (3 if args.quick else 9)
     target = 0.01 if args.quick else 0.1
-    rng = np.random.default_rng(0)
     results = []
     load0 = os.getloadavg()
     for shape in QUICK_SHAPES if args.quick else SHAPES:
-        x = (rng.standard_normal(shape) * 2 + 0.5).astype(np.float32)
-        dy = rng.standard_normal(shape).astype(np.float32)
-        w = rng.uniform(0.5, 1.5, shape[1]).astype(np.float32)
-        b = rng.standard_normal(shape[1]).astype(np.float32)
+        d = row_impls.RowData.make(shape, "float32")
         for op in ("layer_norm", "rms_norm"):
             for passes in ("forward", "forward+backward"):
-                res = compare(_impls(op, x, w, b, dy, passes), rounds, target)
+                res = compare(_impls(op, d, passes), rounds, target)
                 row = {"op": op, "shape": list(shape), "pass": passes, "impls": res,
-                       "bytes_x": x.nbytes}
+                       "bytes_x": d.x.nbytes}
                 results.append(row)
                 t = res["fastbn"]["median_s"]
                 print(f"{op} {shape} {passes}: fastbn {fmt_time(t)}, torch "
