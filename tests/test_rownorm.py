@@ -240,6 +240,34 @@ def test_parallel_sizes(shape, ns, dtype):
     check_rms_norm_backward(dy, x, out[1], ns, w, fastbn.rms_norm_backward(dy, x, out[1], ns, w))
 
 
+@pytest.mark.parametrize("n", [64, 600])
+@pytest.mark.parametrize("reps", [1, 40], ids=["serial", "parallel"])
+@pytest.mark.parametrize("dtype", [np.dtype(np.float32), np.dtype(np.float64)], ids=str)
+def test_consecutive_rows_are_independent(n, reps, dtype):
+    """The forward kernels take the statistics of row r + 1 in the loop over row r
+    (software pipelining): rows of very different kinds in sequence (a constant row, a
+    large offset, zeros, an ordinary row, a one-value-different row), serial and parallel,
+    each get their own statistics: exact for the constant and zero rows (eps = 0: rstd 0,
+    y = bias), within the bounds for the others."""
+    rng = np.random.default_rng(n)
+    block = np.stack([np.full(n, 0.1), rng.standard_normal(n) + 1e4, np.zeros(n),
+                      rng.standard_normal(n), np.r_[np.ones(n - 1), 2.0]])
+    x = np.tile(block, (reps, 1)).astype(dtype)
+    b = np.full(n, 0.25, dtype)
+    y, mean, rstd = fastbn.layer_norm_forward(x, n, None, b, eps=0.0)
+    assert (rstd[0::5] == 0).all() and (rstd[2::5] == 0).all()
+    assert (mean[0::5] == dtype.type(0.1)).all() and (y[0::5] == dtype.type(0.25)).all()
+    assert (y[2::5] == dtype.type(0.25)).all()
+    ok = np.ones(len(x), bool)
+    ok[0::5] = ok[2::5] = False
+    check_layer_norm_forward(x[ok], (n,), None, b, 0.0, (y[ok], mean[ok], rstd[ok]))
+    y, rstd = fastbn.rms_norm_forward(x, n, eps=0.0)
+    assert (rstd[2::5] == 0).all() and (y[2::5] == 0).all()
+    ok = np.ones(len(x), bool)
+    ok[2::5] = False
+    check_rms_norm_forward(x[ok], (n,), None, 0.0, (y[ok], rstd[ok]))
+
+
 def test_large_offset_float32_keeps_float32_accuracy():
     """Rows with |mean| / std = 1e4 in float32: the bound above holds (two-pass
     statistics); the naive E[x^2] - E[x]^2 of the same data in float32 is off by far more."""
