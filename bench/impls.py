@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
-from cases import SMALL_NUMEL, Shape
+from cases import MEMCPY_BYTES_PER_ELEMENT, SMALL_NUMEL, Shape
 
 MOMENTUM = 0.1
 EPS = 1e-5
@@ -524,4 +525,29 @@ def time_memcpy(src: np.ndarray, budget_s: float = 0.2, repeats: int = 50) -> fl
         best = min(best, time.perf_counter() - t0)
         if time.perf_counter() - start > budget_s:
             break
+    return best
+
+
+def record_result(benchmark, memcpy_floor: dict, x: np.ndarray, is_memcpy: bool) -> float:
+    """After ``benchmark(run)``: the fastest time, and into ``extra_info`` the figures every
+    group reports (``time_stat``, ``loadavg_1min``, ``gbps`` by ``extra_info["model_bytes"]``,
+    ``memcpy_time_s``, ``memcpy_gbps``, ``time_vs_memcpy``). The group's memcpy time is
+    taken from `memcpy_floor` (filled by the memcpy case, which runs first), or measured here
+    when memcpy was filtered out of the run."""
+    best = benchmark.stats.stats.min
+    info = benchmark.extra_info
+    info["time_stat"] = "min"
+    # other processes competing for the cores distort the timings (most of all thread
+    # pools that wait on a barrier): the 1-minute load average is kept with each result
+    info["loadavg_1min"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    info["gbps"] = info["model_bytes"] / best / 1e9
+    group = benchmark.group
+    if is_memcpy:
+        memcpy_floor[group] = best
+    floor = memcpy_floor.get(group)
+    if floor is None:
+        floor = memcpy_floor[group] = time_memcpy(x)
+    info["memcpy_time_s"] = floor
+    info["memcpy_gbps"] = MEMCPY_BYTES_PER_ELEMENT * x.size * x.itemsize / floor / 1e9
+    info["time_vs_memcpy"] = best / floor
     return best

@@ -9,14 +9,13 @@ its time relative to a memcpy of the input measured in the same run.
 
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
 import pytest
 
-from cases import MEMCPY_BYTES_PER_ELEMENT, group_name, ideal_bytes, memcpy_bytes
-from impls import time_memcpy
+from cases import group_name, ideal_bytes, memcpy_bytes
+from impls import record_result
 
 #: outputs each operation must return, so the check below is never vacuous.
 REQUIRED = {
@@ -97,20 +96,7 @@ def test_batch_norm(benchmark, case, bench_data, memcpy_floor):
 
     if benchmark.stats is None:  # --benchmark-disable: ran once, nothing timed
         return
-    best = benchmark.stats.stats.min
-    info["time_stat"] = "min"
-    # other processes competing for the cores distort the timings (most of all thread
-    # pools that wait on a barrier): the 1-minute load average is kept with each result
-    info["loadavg_1min"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    info["gbps"] = info["model_bytes"] / best / 1e9
+    record_result(benchmark, memcpy_floor, data.x, impl.name == "memcpy")
     # process CPU time / wall time over the timing loop: about 1 on one busy core, about
     # the core count when all are busy (thread pools that spin while waiting count too).
     info["cpu_utilization"] = cpu / wall if wall > 0 else None
-    if impl.name == "memcpy":
-        memcpy_floor[group] = best
-    floor = memcpy_floor.get(group)
-    if floor is None:  # memcpy was filtered out of this run: measure it here
-        floor = memcpy_floor[group] = time_memcpy(data.x)
-    info["memcpy_time_s"] = floor
-    info["memcpy_gbps"] = MEMCPY_BYTES_PER_ELEMENT * shape.numel * data.x.itemsize / floor / 1e9
-    info["time_vs_memcpy"] = best / floor

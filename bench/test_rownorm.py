@@ -10,13 +10,11 @@ model of ``cases.py`` (forward 2s per element, forward + backward 5s), ``memcpy_
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
 from cases import MEMCPY_BYTES_PER_ELEMENT, ROW_BYTES_PER_ELEMENT, row_group_name, row_label
-from impls import time_memcpy
+from impls import record_result
 from row_impls import RowData, available, build
 
 _TOL = 1e-3
@@ -75,15 +73,4 @@ def test_row_norm(benchmark, row_case, memcpy_floor):
     benchmark(run)
     if benchmark.stats is None:  # --benchmark-disable
         return
-    best = benchmark.stats.stats.min
-    info["time_stat"] = "min"
-    info["loadavg_1min"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    info["gbps"] = info["model_bytes"] / best / 1e9
-    if name == "memcpy":
-        memcpy_floor[group] = best
-    floor = memcpy_floor.get(group)
-    if floor is None:
-        floor = memcpy_floor[group] = time_memcpy(d.x)
-    info["memcpy_time_s"] = floor
-    info["memcpy_gbps"] = MEMCPY_BYTES_PER_ELEMENT * size / floor / 1e9
-    info["time_vs_memcpy"] = best / floor
+    record_result(benchmark, memcpy_floor, d.x, name == "memcpy")

@@ -17,7 +17,7 @@ import numpy as np
 from fastbn.backends import stats_dtype
 from fastbn.backends._cuda_shim import Launcher
 
-__all__ = ["RowPlan", "row_plan", "layer_norm_forward", "layer_norm_backward",
+__all__ = ["RowPlan", "entry_points", "row_plan", "layer_norm_forward", "layer_norm_backward",
            "rms_norm_forward", "rms_norm_backward"]
 
 #: resident threads per SM aimed at by the row kernels' grid (the sm_80/sm_90 limit)
@@ -177,3 +177,98 @@ def rms_norm_backward(L: Launcher, dy2, x2, rstd, weight):
     (dweight,) = _column_sums(L, p, "rms_backward_cols", (dyk, xk, _I(R), _I(N), wr), N,
                               stats_dtype(x2.dtype), 1)
     return dx2, dweight
+
+
+def entry_points(run):
+    """The backend contract's four row functions for a GPU backend.
+
+    Parameters
+    ----------
+    run : callable
+        ``run(op, x2, *args)`` calls ``op(launcher, *args)`` on the device holding `x2`, with
+        the backend's launcher for the row kernels (``op`` is one of this module's host
+        functions).
+
+    Returns
+    -------
+    tuple of callable
+        ``(layer_norm_forward, layer_norm_backward, rms_norm_forward, rms_norm_backward)``
+        with the contract's signatures (see :mod:`fastbn.backends`).
+    """
+
+    def layer_norm_forward_(x2, weight, bias, eps):
+        """Layer norm of each row of `x2`; see :mod:`fastbn.backends` for the contract.
+
+        Parameters
+        ----------
+        x2 : cupy.ndarray
+            C-contiguous ``(R, N)`` input, ``R, N >= 1``.
+        weight, bias : cupy.ndarray
+            Length-``N`` parameters of dtype ``stats_dtype(x2.dtype)``.
+        eps : float
+            Added to the variance.
+
+        Returns
+        -------
+        y2, mean, rstd : cupy.ndarray
+        """
+        return run(layer_norm_forward, x2, x2, weight, bias, eps)
+
+    def layer_norm_backward_(dy2, x2, mean, rstd, weight):
+        """Gradients of :func:`layer_norm_forward`.
+
+        Parameters
+        ----------
+        dy2, x2 : cupy.ndarray
+            C-contiguous ``(R, N)`` upstream gradient and forward input.
+        mean, rstd : cupy.ndarray
+            Length-``R`` statistics of the forward.
+        weight : cupy.ndarray
+            Length-``N`` weight.
+
+        Returns
+        -------
+        dx2, dweight, dbias : cupy.ndarray
+        """
+        return run(layer_norm_backward, x2, dy2, x2, mean, rstd, weight)
+
+    def rms_norm_forward_(x2, weight, eps):
+        """RMS norm of each row of `x2`: ``y2 = x2 * rstd * weight``.
+
+        Parameters
+        ----------
+        x2 : cupy.ndarray
+            C-contiguous ``(R, N)`` input.
+        weight : cupy.ndarray
+            Length-``N`` weight.
+        eps : float
+            Added to the mean square.
+
+        Returns
+        -------
+        y2, rstd : cupy.ndarray
+        """
+        return run(rms_norm_forward, x2, x2, weight, eps)
+
+    def rms_norm_backward_(dy2, x2, rstd, weight):
+        """Gradients of :func:`rms_norm_forward`.
+
+        Parameters
+        ----------
+        dy2, x2 : cupy.ndarray
+            C-contiguous ``(R, N)`` upstream gradient and forward input.
+        rstd : cupy.ndarray
+            Length-``R`` statistics of the forward.
+        weight : cupy.ndarray
+            Length-``N`` weight.
+
+        Returns
+        -------
+        dx2, dweight : cupy.ndarray
+        """
+        return run(rms_norm_backward, x2, dy2, x2, rstd, weight)
+
+    fns = (layer_norm_forward_, layer_norm_backward_, rms_norm_forward_, rms_norm_backward_)
+    for f in fns:
+        f.__name__ = f.__qualname__ = f.__name__.rstrip("_")
+    return fns

@@ -945,82 +945,10 @@ def backward(dy3, x3, mean, invstd, weight):
 # ----------------------------------------------------------------------------------------
 
 
-def _rows(fn, x2, *args):
+def _run_rows(op, x2, *args):
     with _on_device(x2):
-        return fn(launcher(x2.dtype, row_kernels, **_gpu_context(x2)), *args)
+        return op(launcher(x2.dtype, row_kernels, **_gpu_context(x2)), *args)
 
 
-def layer_norm_forward(x2, weight, bias, eps):
-    """Layer norm of each row of `x2`; see :mod:`fastbn.backends` for the contract.
-
-    Parameters
-    ----------
-    x2 : cupy.ndarray
-        C-contiguous ``(R, N)`` input, ``R, N >= 1``.
-    weight, bias : cupy.ndarray
-        Length-``N`` parameters of dtype ``stats_dtype(x2.dtype)``.
-    eps : float
-        Added to the variance.
-
-    Returns
-    -------
-    y2, mean, rstd : cupy.ndarray
-    """
-    return _rows(_gpu_rows.layer_norm_forward, x2, x2, weight, bias, eps)
-
-
-def layer_norm_backward(dy2, x2, mean, rstd, weight):
-    """Gradients of :func:`layer_norm_forward`.
-
-    Parameters
-    ----------
-    dy2, x2 : cupy.ndarray
-        C-contiguous ``(R, N)`` upstream gradient and forward input.
-    mean, rstd : cupy.ndarray
-        Length-``R`` statistics of the forward.
-    weight : cupy.ndarray
-        Length-``N`` weight.
-
-    Returns
-    -------
-    dx2, dweight, dbias : cupy.ndarray
-    """
-    return _rows(_gpu_rows.layer_norm_backward, x2, dy2, x2, mean, rstd, weight)
-
-
-def rms_norm_forward(x2, weight, eps):
-    """RMS norm of each row of `x2`: ``y2 = x2 * rstd * weight``.
-
-    Parameters
-    ----------
-    x2 : cupy.ndarray
-        C-contiguous ``(R, N)`` input.
-    weight : cupy.ndarray
-        Length-``N`` weight.
-    eps : float
-        Added to the mean square.
-
-    Returns
-    -------
-    y2, rstd : cupy.ndarray
-    """
-    return _rows(_gpu_rows.rms_norm_forward, x2, x2, weight, eps)
-
-
-def rms_norm_backward(dy2, x2, rstd, weight):
-    """Gradients of :func:`rms_norm_forward`.
-
-    Parameters
-    ----------
-    dy2, x2 : cupy.ndarray
-        C-contiguous ``(R, N)`` upstream gradient and forward input.
-    rstd : cupy.ndarray
-        Length-``R`` statistics of the forward.
-    weight : cupy.ndarray
-        Length-``N`` weight.
-
-    Returns
-    -------
-    dx2, dweight : cupy.ndarray
-    """
-    return _rows(_gpu_rows.rms_norm_backward, x2, dy2, x2, rstd, weight)
+layer_norm_forward, layer_norm_backward, rms_norm_forward, rms_norm_backward = (
+    _gpu_rows.entry_points(_run_rows))
