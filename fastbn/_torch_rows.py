@@ -37,8 +37,9 @@ def _check(input, weight, bias, what):
     for name, t in (("input", input), ("weight", weight), ("bias", bias)):
         if t is not None and t.device.type != "cpu":
             raise NotImplementedError(
-                f"{name} is on device {t.device}: fastbn has {what} kernels for CPU tensors "
-                "only (its GPU row-norm kernels are not written yet); use torch's module there")
+                f"{name} is on device {t.device}: fastbn.torch runs {what} on CPU tensors only "
+                "(fastbn's GPU row-norm kernels take CuPy arrays; CUDA tensors are not routed to "
+                "them yet); use torch's module there")
 
 
 def _np(t):

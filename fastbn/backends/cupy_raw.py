@@ -24,7 +24,8 @@ from importlib import resources
 
 import numpy as np
 
-from fastbn.backends import _cuda_shim, _gpu_batchnorm, _gpu_rows, is_bfloat16, stats_dtype  # stats_dtype: the shared rule
+# stats_dtype: the shared rule, re-exported as this backend's
+from fastbn.backends import _cuda_shim, _gpu_batchnorm, _gpu_rows, is_bfloat16, stats_dtype
 
 __all__ = ["name", "dtypes", "available", "stats_dtype", "forward_train", "forward_eval",
            "backward", "layer_norm_forward", "layer_norm_backward", "rms_norm_forward",
@@ -61,6 +62,7 @@ _ROW_KERNEL_NAMES = (
 )
 #: kernel names of each source file
 KERNELS = {"batchnorm.cu": _KERNEL_NAMES, "rownorm.cu": _ROW_KERNEL_NAMES}
+
 
 def __getattr__(attr):
     # ``xp`` is the cupy module, imported only when asked for.

@@ -25,7 +25,8 @@ import math
 
 import numpy as np
 
-from fastbn.backends import _cuda_shim, _gpu_batchnorm, _gpu_rows, is_bfloat16, stats_dtype  # stats_dtype: the shared rule
+# stats_dtype: the shared rule, re-exported as this backend's
+from fastbn.backends import _cuda_shim, _gpu_batchnorm, _gpu_rows, is_bfloat16, stats_dtype
 
 __all__ = ["name", "dtypes", "available", "stats_dtype", "forward_train", "forward_eval",
            "backward", "layer_norm_forward", "layer_norm_backward", "rms_norm_forward",
