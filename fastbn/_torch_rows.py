@@ -54,6 +54,16 @@ def _tensor(a):
     return _np_tensor(np.ascontiguousarray(a))
 
 
+def _in_format_of(t, x):
+    """`t` (C-contiguous, x's shape) in x's memory format where x is a channels-last 4-d or
+    5-d tensor: torch's RMS norm is made of elementwise operations, whose outputs (and
+    gradients) follow the input's memory format."""
+    if x.is_contiguous() or x.dim() not in (4, 5):
+        return t
+    fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    return t.contiguous(memory_format=fmt) if x.is_contiguous(memory_format=fmt) else t
+
+
 def _needs_graph(*ts) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
@@ -177,7 +187,7 @@ class _RMSNormFn(torch.autograd.Function):
         y, rstd = _rows.rms_norm_forward(_np(x), ns, _np(weight), eps)
         ctx.save_for_backward(x, weight, _tensor(rstd))
         ctx.ns, ctx.eps = ns, eps
-        return _tensor(y)
+        return _in_format_of(_tensor(y), x)
 
     @staticmethod
     def backward(ctx, dy):
@@ -188,7 +198,7 @@ class _RMSNormFn(torch.autograd.Function):
             dx, dw = _rms_composite_backward(dy, x, ns, weight, eps)
         else:
             dx, dw = _rows.rms_norm_backward(_np(dy), _np(x), _np(rstd), ns, _np(weight))
-            dx = _tensor(dx)
+            dx = _in_format_of(_tensor(dx), x)
             dw = None if dw is None else _tensor(dw).to(weight.dtype)
         return dx if need[0] else None, dw if need[1] else None, None, None
 
@@ -210,7 +220,8 @@ def rms_norm(input, normalized_shape, weight=None, eps=None):
     Returns
     -------
     torch.Tensor
-        A fresh, contiguous tensor, differentiable to any order.
+        A fresh tensor, differentiable to any order: contiguous, or channels-last where
+        `input` is (as torch's, whose RMS norm is made of elementwise operations).
 
     Raises
     ------

@@ -1,4 +1,5 @@
-"""PyTorch's own batch-norm tests, ported to run against fastbn.torch.
+"""PyTorch's own batch-norm tests (and its module tests of LayerNorm and RMSNorm), ported to
+run against fastbn.torch.
 
 Every test is parametrized over ``impl``:
 
@@ -13,7 +14,7 @@ torch test compares an implementation with itself, the reference side stays torc
 module, so the fastbn run also checks parity with torch.
 
 Sources (see each test's docstring for the exact test):
-test/test_nn.py, test/test_modules.py (BatchNorm ModuleInfos from
+test/test_nn.py, test/test_modules.py (BatchNorm, LayerNorm and RMSNorm ModuleInfos from
 torch.testing._internal.common_modules.module_db), test/nn/test_load_state_dict.py,
 test/test_ops.py, test/test_ops_gradients.py, test/test_ops_fwd_gradients.py
 (``nn.functional.batch_norm`` OpInfo from common_methods_invocations.op_db),
@@ -63,7 +64,8 @@ def impl_param_unsupported(reason):
     return pytest.mark.parametrize(
         "impl", ["torch", pytest.param("fastbn", marks=pytest.mark.xfail(strict=True, reason=reason))])
 
-_FAST = {nn.BatchNorm1d: ft.BatchNorm1d, nn.BatchNorm2d: ft.BatchNorm2d, nn.BatchNorm3d: ft.BatchNorm3d}
+_FAST = {nn.BatchNorm1d: ft.BatchNorm1d, nn.BatchNorm2d: ft.BatchNorm2d, nn.BatchNorm3d: ft.BatchNorm3d,
+         nn.LayerNorm: ft.LayerNorm, nn.RMSNorm: ft.RMSNorm}
 
 
 def bn_class(impl, torch_cls):
@@ -648,14 +650,24 @@ def test_batchnorm_nonaffine_cuda_half_input(impl):
 
 
 # =======================================================================================
-# test/test_modules.py over the BatchNorm1d/2d/3d ModuleInfos
+# test/test_modules.py over the BatchNorm1d/2d/3d, LayerNorm and RMSNorm ModuleInfos
 # =======================================================================================
-BN_MODULE_INFOS = [m for m in tcm.module_db if m.module_cls in _FAST]
+MODULE_INFOS = [m for m in tcm.module_db if m.module_cls in _FAST]
+
+
+def _skip_where_torch_skips(info, test_name):
+    """Skip where the ModuleInfo itself skips the test on CPU (a ``unittest.skip``
+    DecorateInfo: LayerNorm's test_memory_format)."""
+    for d in info.decorators:
+        if (d.cls_name == "TestModule" and d.test_name == test_name and d.active_if
+                and d.device_type in (None, "cpu")
+                and any(getattr(f, "__qualname__", "").startswith("skip.") for f in d.decorators)):
+            pytest.skip(f"torch's {info.module_cls.__name__} ModuleInfo skips {test_name}")
 
 
 def _module_cases():
     cases = []
-    for info in BN_MODULE_INFOS:
+    for info in MODULE_INFOS:
         inputs = info.module_inputs_func(info, device="cpu", dtype=torch.float32, requires_grad=False, training=True)
         for i, mi in enumerate(inputs):
             cases.append(pytest.param(info, i, id=f"{info.module_cls.__name__}-{mi.desc or 'default'}"))
@@ -852,6 +864,7 @@ def test_modules_gradgrad(impl, info, index, training):
 @module_case_param
 def test_modules_memory_format(impl, info, index, training, dtype):
     """test/test_modules.py::TestModule::test_memory_format"""
+    _skip_where_torch_skips(info, "test_memory_format")
     mi = _module_input(info, index, dtype, requires_grad=True, training=training)
     m = _make_module(impl, info, mi, dtype, training)
     (inp,) = mi.forward_input.args
@@ -908,12 +921,15 @@ def test_modules_memory_format(impl, info, index, training, dtype):
 def test_modules_if_train_and_eval_modes_differ(impl, info, index):
     """test/test_modules.py::TestModule::test_if_train_and_eval_modes_differ (train only):
     the BatchNorm ModuleInfos declare train_and_eval_differ=True, so forward must read
-    ``self.training`` (AttributeError once it is deleted)."""
-    assert info.train_and_eval_differ
+    ``self.training`` (AttributeError once it is deleted); LayerNorm's and RMSNorm's declare
+    False, so forward must work without it."""
     mi = _module_input(info, index, torch.float32, requires_grad=False, training=True)
     m = _make_module(impl, info, mi, torch.float32, True)
     delattr(m, "training")
-    with pytest.raises(AttributeError, match="'training'"):
+    if info.train_and_eval_differ:
+        with pytest.raises(AttributeError, match="'training'"):
+            m(*mi.forward_input.args, **mi.forward_input.kwargs)
+    else:
         m(*mi.forward_input.args, **mi.forward_input.kwargs)
 
 
@@ -930,17 +946,20 @@ def test_modules_device_ctx_init(impl, info, index):
     with torch.device("meta"):
         m = cls(*c_args, **c_kwargs)
     pairs = list(itertools.chain(zip(m.parameters(), m_cpu.parameters()), zip(m.buffers(), m_cpu.buffers())))
-    assert pairs
+    if not pairs:  # LayerNorm/RMSNorm without elementwise_affine
+        pytest.skip("the module has no parameters or buffers to compare")
     for p_meta, p_cpu in pairs:
         assert p_meta.is_meta
         assert_metadata_eq(TC.assertEqual, p_meta, p_cpu)
 
 
 @impl_param
-@pytest.mark.parametrize("info", BN_MODULE_INFOS, ids=lambda i: i.module_cls.__name__)
+@pytest.mark.parametrize("info", MODULE_INFOS, ids=lambda i: i.module_cls.__name__)
 def test_modules_errors(impl, info):
     """test/test_modules.py::TestModule::test_errors (module_error_inputs: eps=-1.0 and
     eps=0.0 must raise ValueError 'eps must be positive' in forward)."""
+    if info.module_error_inputs_func is None:
+        pytest.skip(f"torch's {info.module_cls.__name__} ModuleInfo has no error inputs")
     error_inputs = info.module_error_inputs_func(info, device="cpu", dtype=torch.float32,
                                                  requires_grad=False, training=True)
     assert error_inputs
