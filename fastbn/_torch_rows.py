@@ -51,7 +51,9 @@ def _np(t):
 def _tensor(a):
     from .torch import _np_tensor
 
-    return _np_tensor(np.ascontiguousarray(a))
+    # (np.ascontiguousarray would turn the 0-d statistics of an x without leading dimensions
+    # into shape (1,))
+    return _np_tensor(a if a.flags.c_contiguous else np.ascontiguousarray(a))
 
 
 def _in_format_of(t, x):
@@ -62,6 +64,12 @@ def _in_format_of(t, x):
         return t
     fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
     return t.contiguous(memory_format=fmt) if x.is_contiguous(memory_format=fmt) else t
+
+
+def _negative(eps) -> bool:
+    """A negative eps: torch accepts it (var + eps may then be negative, and rstd NaN),
+    fastbn's kernels do not (eps >= 0); such calls run torch's own function."""
+    return isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps < 0
 
 
 def _needs_graph(*ts) -> bool:
@@ -80,6 +88,12 @@ def _dims(x, ns):
     return tuple(range(x.dim() - k, x.dim())), tuple(range(x.dim() - k))
 
 
+def _sum_lead(t, lead):
+    """`t` summed over the leading dimensions `lead` (none: `t` itself; torch's ``sum(())``
+    would sum every dimension)."""
+    return t.sum(lead) if lead else t
+
+
 def _sdt(dtype):
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
@@ -95,8 +109,8 @@ def _ln_composite_backward(dy, x, ns, weight, bias, eps):
     xhat = (xs - mean) * rstd
     g = d if weight is None else d * weight.to(sdt)
     dx = rstd * (g - g.mean(dims, keepdim=True) - xhat * (g * xhat).mean(dims, keepdim=True))
-    dw = None if weight is None else (d * xhat).sum(lead).to(weight.dtype)
-    db = None if bias is None else d.sum(lead).to(bias.dtype)
+    dw = None if weight is None else _sum_lead(d * xhat, lead).to(weight.dtype)
+    db = None if bias is None else _sum_lead(d, lead).to(bias.dtype)
     return dx.to(x.dtype), dw, db
 
 
@@ -124,7 +138,7 @@ class _LayerNormFn(torch.autograd.Function):
             db = None if (db is None or bias is None) else _tensor(db).to(bias.dtype)
             if weight is None and bias is not None and need[2]:
                 # no weight: the kernels skip the affine gradients; db = sum of dy over rows
-                db = dy.sum(_dims(dy, ns)[1]).to(bias.dtype)
+                db = _sum_lead(dy, _dims(dy, ns)[1]).to(bias.dtype)
         return (dx if need[0] else None, dw if need[1] else None, db if need[2] else None,
                 None, None)
 
@@ -152,11 +166,14 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     Raises
     ------
     TypeError, ValueError
-        As :func:`fastbn.layer_norm`.
+        As :func:`fastbn.layer_norm`, except that a negative `eps`, which torch accepts and
+        fastbn's kernels do not, runs torch's own ``layer_norm``.
     NotImplementedError
         For CUDA (or other non-CPU) tensors.
     """
     _check(input, weight, bias, "layer-norm")
+    if _negative(eps):
+        return torch.nn.functional.layer_norm(input, normalized_shape, weight, bias, eps)
     ns = _ns(normalized_shape)
     if _needs_graph(input, weight, bias):
         return _LayerNormFn.apply(input, weight, bias, ns, float(eps))
@@ -177,7 +194,7 @@ def _rms_composite_backward(dy, x, ns, weight, eps):
     rstd = torch.rsqrt((xs * xs).mean(dims, keepdim=True) + eps)
     g = d if weight is None else d * weight.to(sdt)
     dx = rstd * g - xs * rstd**3 * (g * xs).mean(dims, keepdim=True)
-    dw = None if weight is None else (d * xs * rstd).sum(lead).to(weight.dtype)
+    dw = None if weight is None else _sum_lead(d * xs * rstd, lead).to(weight.dtype)
     return dx.to(x.dtype), dw
 
 
@@ -226,11 +243,14 @@ def rms_norm(input, normalized_shape, weight=None, eps=None):
     Raises
     ------
     TypeError, ValueError
-        As :func:`fastbn.rms_norm`.
+        As :func:`fastbn.rms_norm`, except that a negative `eps` runs torch's own
+        ``rms_norm`` (see :func:`layer_norm`).
     NotImplementedError
         For non-CPU tensors.
     """
     _check(input, weight, None, "RMS-norm")
+    if _negative(eps):
+        return torch.nn.functional.rms_norm(input, normalized_shape, weight, eps)
     ns = _ns(normalized_shape)
     eps = _rms_eps(eps, input.dtype)
     if _needs_graph(input, weight):

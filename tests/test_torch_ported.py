@@ -1793,3 +1793,101 @@ def test_variant_consistency_jit_script(impl, target):
             return torch.jit.script(f)(x, bn.running_mean, bn.running_var, bn.weight, bn.bias)
 
     _clear_error_or_same(impl, run, expected, topic_words=("torchscript", "torch.jit", "jit"), must_name=("fastbn",))
+
+
+# =======================================================================================
+# The nn.functional.layer_norm and nn.functional.rms_norm OpInfos: test/test_ops.py
+# (variant consistency, non-contiguous samples) and test/test_ops_gradients.py (gradcheck,
+# gradgradcheck)
+# =======================================================================================
+ROW_OPS = {name: next(op for op in tcmi.op_db if op.name == f"nn.functional.{name}"
+                      and not op.variant_test_name) for name in ("layer_norm", "rms_norm")}
+
+
+def _row_fn(impl, name):
+    return getattr(F if impl == "torch" else ft, name)
+
+
+def _row_samples(name, dtype, requires_grad):
+    return list(ROW_OPS[name].sample_inputs("cpu", dtype, requires_grad=requires_grad))
+
+
+ROW_SAMPLE_CASES = [pytest.param(name, i, id=f"{name}-{_sample_id(i, s)}")
+                    for name in ROW_OPS for i, s in enumerate(_row_samples(name, torch.float32, False))]
+row_sample_param = pytest.mark.parametrize("name, index", ROW_SAMPLE_CASES)
+
+
+def _grad_tensors(s):
+    return [t for t in (s.input, *s.args) if isinstance(t, torch.Tensor) and t.requires_grad]
+
+
+@impl_param
+@row_sample_param
+def test_row_ops_variant_consistency_eager(impl, name, index):
+    """test/test_ops.py::TestCommon::test_variant_consistency_eager (float32): forward and the
+    gradients of input, weight and bias against torch's function."""
+    sample = _row_samples(name, torch.float32, requires_grad=True)[index]
+    ref, act, f64 = _clone_sample(sample), _clone_sample(sample), _clone_sample(sample)
+    expected = _call(getattr(F, name), ref)
+    actual = _call(_row_fn(impl, name), act)
+    TC.assertEqual(expected, actual)
+    if not expected.numel():
+        return
+    expected.sum().backward()
+    actual.sum().backward()
+    want = [t.grad for t in _grad_tensors(ref)]
+    got = [t.grad for t in _grad_tensors(act)]
+    try:
+        TC.assertEqual(want, got)
+    except AssertionError:
+        # torch's float32 kernels round differently: where the two disagree beyond torch's
+        # tolerance, fastbn must be at least as close to the float64 truth (the case: a row
+        # of one value, whose exact weight gradient is 0, and torch's is 2.4e-05)
+        assert impl == "fastbn"
+        f64 = SampleInput(f64.input.detach().double().requires_grad_(),
+                          args=tuple(a.detach().double().requires_grad_() if isinstance(a, torch.Tensor)
+                                     else a for a in f64.args), kwargs=f64.kwargs)
+        _call(getattr(F, name), f64).sum().backward()
+        for i, (g, w, truth) in enumerate(zip(got, want, [t.grad for t in _grad_tensors(f64)])):
+            _at_least_as_accurate(f"gradient {i}", g, w, truth)
+
+
+@impl_param
+@row_sample_param
+def test_row_ops_noncontiguous_samples(impl, name, index):
+    """test/test_ops.py::TestCommon::test_noncontiguous_samples (float32)"""
+    op = _row_fn(impl, name)
+    sample = _row_samples(name, torch.float32, requires_grad=True)[index]
+    nc = sample.noncontiguous()
+    expected = _call(op, sample)
+    actual = _call(op, nc)
+    TC.assertEqual(actual, expected)
+    if not expected.numel():
+        return
+    g = torch.randn_like(expected)
+    g_nc = tcu.noncontiguous_like(g)
+    grads = torch.autograd.grad(expected, _grad_tensors(sample), g)
+    grads_nc = torch.autograd.grad(actual, _grad_tensors(nc), g_nc)
+    TC.assertEqual(grads_nc, grads)
+
+
+@impl_param
+@pytest.mark.parametrize("order", ["grad", "gradgrad"])
+@row_sample_param
+def test_row_ops_gradients(impl, name, index, order):
+    """test/test_ops_gradients.py::TestBwdGradients::test_fn_grad / test_fn_gradgrad
+    (float64, torch's gradcheck and gradgradcheck wrappers; both OpInfos support gradgrad)."""
+    sample = _row_samples(name, torch.float64, requires_grad=True)[index]
+    fn = _row_fn(impl, name)
+    tensors = _grad_tensors(sample)
+    n_args = len(sample.args)
+
+    def f(*ts):
+        it = iter(ts)
+        inp = next(it) if sample.input.requires_grad else sample.input
+        args = [next(it) if isinstance(a, torch.Tensor) and a.requires_grad else a
+                for a in sample.args[:n_args]]
+        return fn(inp, *args, **sample.kwargs)
+
+    check = tcu.gradcheck if order == "grad" else tcu.gradgradcheck
+    assert check(f, tensors, check_batched_grad=False)
