@@ -1,14 +1,19 @@
 """Layer norm and RMS norm for torch tensors on fastbn's CPU kernels (part of
 :mod:`fastbn.torch`, which re-exports the public names).
 
-The eager path mirrors batch norm's: without gradients to record the kernels are called
-directly; otherwise an :class:`torch.autograd.Function` whose backward runs the kernels'
-backward, or, when the backward itself must be differentiable (``create_graph=True``,
-``gradgradcheck``), the same formulas in torch operations with the statistics recomputed
-from the input, whose own derivatives give the higher orders. Outputs are fresh,
-C-contiguous tensors (torch's layer norm returns contiguous outputs too).
+The eager path mirrors batch norm's: without gradients to record (and no forward-AD level
+or torch.func transform active) the kernels are called directly; otherwise an
+:class:`torch.autograd.Function` whose backward runs the kernels' backward, or, when the
+backward itself must be differentiable (``create_graph=True``, ``gradgradcheck``), the same
+formulas in torch operations with the statistics recomputed from the input, whose own
+derivatives give the higher orders. The Functions have ``jvp`` formulas (forward-mode AD,
+``torch.func.jvp``/``jacfwd``) and ``vmap`` rules (a batch dimension of x is one more
+leading dimension; a batched weight or bias is applied with torch operations). Outputs are
+fresh tensors: C-contiguous for layer norm, as torch's; RMS norm keeps a channels-last
+input's memory format, as torch's elementwise composition does.
 
-CUDA tensors are refused with a clear error: fastbn has no GPU row-norm kernels yet.
+CUDA tensors are refused with a clear error: fastbn's GPU row-norm kernels take CuPy
+arrays, and CUDA tensors are not routed to them yet.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch
 from torch import Tensor
 
 from . import rownorm as _rows
+from .torch import _EagerFunction  # fastbn.torch imports this module at its end
 
 __all__ = ["LayerNorm", "RMSNorm", "layer_norm", "rms_norm"]
 
@@ -72,8 +78,10 @@ def _negative(eps) -> bool:
     return isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps < 0
 
 
-def _needs_graph(*ts) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+def _needs_graph(input, weight, bias=None) -> bool:
+    from .torch import _needs_autograd  # (gradients, a forward-AD level, torch.func)
+
+    return _needs_autograd(input, weight, bias)
 
 
 def _higher_order(grad) -> bool:
@@ -114,16 +122,55 @@ def _ln_composite_backward(dy, x, ns, weight, bias, eps):
     return dx.to(x.dtype), dw, db
 
 
-class _LayerNormFn(torch.autograd.Function):
+def _trailing(x, ns, t):
+    """A tensor of shape `ns` (weight, bias, their tangents) broadcastable against x."""
+    return t.reshape((1,) * (x.dim() - len(ns)) + tuple(ns))
+
+
+def _row_stat(x, ns, s):
+    """A statistic of the leading shape, broadcastable against x."""
+    return s.reshape(tuple(x.shape[:x.dim() - len(ns)]) + (1,) * len(ns))
+
+
+def _affine_vmap(fn, info, in_dims, x, params, ns, eps):
+    """The vmap rule of a row norm: x's batch dimension becomes one more leading dimension
+    (the kernels do not care); batched weight or bias are applied outside the kernels, with
+    torch operations, to the unaffine result."""
+    b = info.batch_size
+    xd, pds = in_dims[0], in_dims[1:1 + len(params)]
+    xb = x.movedim(xd, 0) if xd is not None else x.unsqueeze(0).expand(b, *x.shape)
+    if all(d is None for d in pds):
+        out = fn.apply(xb, *params, ns, eps)
+        return out, (0,) * len(out)
+    out = fn.apply(xb, *(None for _ in params), ns, eps)
+    y = out[0]
+    lead = (1,) * (xb.dim() - 1 - len(ns))
+    for k, (p, d) in enumerate(zip(params, pds)):
+        if p is None:
+            continue
+        p = p.movedim(d, 0) if d is not None else p.unsqueeze(0)
+        p = p.reshape(p.shape[0], *lead, *ns).to(y.dtype)
+        y = y * p if k == 0 else y + p  # weight first, then bias
+    return (y, *out[1:]), (0,) * len(out)
+
+
+class _LayerNormFn(_EagerFunction):
     @staticmethod
-    def forward(ctx, x, weight, bias, ns, eps):
+    def forward(x, weight, bias, ns, eps):
         y, mean, rstd = _rows.layer_norm_forward(_np(x), ns, _np(weight), _np(bias), eps)
-        ctx.save_for_backward(x, weight, bias, _tensor(mean), _tensor(rstd))
-        ctx.ns, ctx.eps = ns, eps
-        return _tensor(y)
+        return _tensor(y), _tensor(mean), _tensor(rstd)
 
     @staticmethod
-    def backward(ctx, dy):
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, ns, eps = inputs
+        _y, mean, rstd = output
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.save_for_forward(x, weight, bias, mean, rstd)
+        ctx.ns, ctx.eps = ns, eps
+        ctx.mark_non_differentiable(mean, rstd)
+
+    @staticmethod
+    def backward(ctx, dy, _g_mean, _g_rstd):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         ns, eps = ctx.ns, ctx.eps
         need = ctx.needs_input_grad
@@ -141,6 +188,31 @@ class _LayerNormFn(torch.autograd.Function):
                 db = _sum_lead(dy, _dims(dy, ns)[1]).to(bias.dtype)
         return (dx if need[0] else None, dw if need[1] else None, db if need[2] else None,
                 None, None)
+
+    @staticmethod
+    def jvp(ctx, t_x, t_w, t_b, _t_ns, _t_eps):
+        # xhat = (x - mean) * rstd over each row: d xhat = rstd * (t - mean(t) - xhat *
+        # mean(xhat * t)), d y = weight * d xhat + xhat * d weight + d bias
+        x, weight, _bias, mean, rstd = ctx.saved_tensors
+        ns = ctx.ns
+        dims, _ = _dims(x, ns)
+        sdt = _sdt(x.dtype)
+        rs = _row_stat(x, ns, rstd)
+        xhat = (x.to(sdt) - _row_stat(x, ns, mean)) * rs
+        ty = torch.zeros(x.shape, dtype=sdt)
+        if t_x is not None:
+            t = t_x.to(sdt)
+            d = rs * (t - t.mean(dims, keepdim=True) - xhat * (xhat * t).mean(dims, keepdim=True))
+            ty = ty + (d if weight is None else d * _trailing(x, ns, weight.to(sdt)))
+        if t_w is not None:
+            ty = ty + xhat * _trailing(x, ns, t_w.to(sdt))
+        if t_b is not None:
+            ty = ty + _trailing(x, ns, t_b.to(sdt))
+        return ty.to(x.dtype), None, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, weight, bias, ns, eps):
+        return _affine_vmap(_LayerNormFn, info, in_dims, x, (weight, bias), ns, eps)
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
@@ -176,7 +248,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
         return torch.nn.functional.layer_norm(input, normalized_shape, weight, bias, eps)
     ns = _ns(normalized_shape)
     if _needs_graph(input, weight, bias):
-        return _LayerNormFn.apply(input, weight, bias, ns, float(eps))
+        return _LayerNormFn.apply(input, weight, bias, ns, float(eps))[0]
     y = _rows.layer_norm(_np(input), ns, _np(weight), _np(bias), eps)
     return _tensor(y)
 
@@ -198,16 +270,23 @@ def _rms_composite_backward(dy, x, ns, weight, eps):
     return dx.to(x.dtype), dw
 
 
-class _RMSNormFn(torch.autograd.Function):
+class _RMSNormFn(_EagerFunction):
     @staticmethod
-    def forward(ctx, x, weight, ns, eps):
+    def forward(x, weight, ns, eps):
         y, rstd = _rows.rms_norm_forward(_np(x), ns, _np(weight), eps)
-        ctx.save_for_backward(x, weight, _tensor(rstd))
-        ctx.ns, ctx.eps = ns, eps
-        return _in_format_of(_tensor(y), x)
+        return _in_format_of(_tensor(y), x), _tensor(rstd)
 
     @staticmethod
-    def backward(ctx, dy):
+    def setup_context(ctx, inputs, output):
+        x, weight, ns, eps = inputs
+        _y, rstd = output
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.save_for_forward(x, weight, rstd)
+        ctx.ns, ctx.eps = ns, eps
+        ctx.mark_non_differentiable(rstd)
+
+    @staticmethod
+    def backward(ctx, dy, _g_rstd):
         x, weight, rstd = ctx.saved_tensors
         ns, eps = ctx.ns, ctx.eps
         need = ctx.needs_input_grad
@@ -218,6 +297,29 @@ class _RMSNormFn(torch.autograd.Function):
             dx = _in_format_of(_tensor(dx), x)
             dw = None if dw is None else _tensor(dw).to(weight.dtype)
         return dx if need[0] else None, dw if need[1] else None, None, None
+
+    @staticmethod
+    def jvp(ctx, t_x, t_w, _t_ns, _t_eps):
+        # xhat = x * rstd: d xhat = rstd * (t - xhat * mean(xhat * t)),
+        # d y = weight * d xhat + xhat * d weight
+        x, weight, rstd = ctx.saved_tensors
+        ns = ctx.ns
+        dims, _ = _dims(x, ns)
+        sdt = _sdt(x.dtype)
+        rs = _row_stat(x, ns, rstd)
+        xhat = x.to(sdt) * rs
+        ty = torch.zeros(x.shape, dtype=sdt)
+        if t_x is not None:
+            t = t_x.to(sdt)
+            d = rs * (t - xhat * (xhat * t).mean(dims, keepdim=True))
+            ty = ty + (d if weight is None else d * _trailing(x, ns, weight.to(sdt)))
+        if t_w is not None:
+            ty = ty + xhat * _trailing(x, ns, t_w.to(sdt))
+        return ty.to(x.dtype), None
+
+    @staticmethod
+    def vmap(info, in_dims, x, weight, ns, eps):
+        return _affine_vmap(_RMSNormFn, info, in_dims, x, (weight,), ns, eps)
 
 
 def rms_norm(input, normalized_shape, weight=None, eps=None):
@@ -254,7 +356,7 @@ def rms_norm(input, normalized_shape, weight=None, eps=None):
     ns = _ns(normalized_shape)
     eps = _rms_eps(eps, input.dtype)
     if _needs_graph(input, weight):
-        return _RMSNormFn.apply(input, weight, ns, eps)
+        return _RMSNormFn.apply(input, weight, ns, eps)[0]
     return _tensor(_rows.rms_norm(_np(input), ns, _np(weight), eps))
 
 

@@ -532,6 +532,51 @@ def test_torch_gradcheck_and_gradgradcheck(op):
         fn, args = (lambda x, w: ft.rms_norm(x, (3, 5), w, 1e-6)), (x, w)
     assert torch.autograd.gradcheck(fn, args)
     assert torch.autograd.gradgradcheck(fn, args)
+    # forward-mode AD (the Functions' jvp) and batched gradients (their vmap rule)
+    assert torch.autograd.gradcheck(fn, args, check_forward_ad=True, check_backward_ad=False,
+                                    check_batched_forward_grad=True)
+    assert torch.autograd.gradcheck(fn, args, check_batched_grad=True)
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_torch_func_transforms_match_torch(op):
+    """torch.func's jvp, vmap (batched input, weight and bias, and an unbatched input with a
+    batched weight), jacrev, jacfwd, grad and hessian of fastbn's functions against the
+    same transforms of torch's, in float64 (torch's default float64 tolerances: the two
+    compute the same formulas, a wrong one is off by O(1))."""
+    from torch import func
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 4, 5, dtype=torch.float64, generator=g)
+    w = torch.rand(5, dtype=torch.float64, generator=g) + 0.5
+    b = torch.randn(5, dtype=torch.float64, generator=g)
+    wb = torch.rand(4, 5, dtype=torch.float64, generator=g) + 0.5
+    bb = torch.randn(4, 5, dtype=torch.float64, generator=g)
+    if op == "layer_norm":
+        def ours(x, w, b):
+            return ft.layer_norm(x, (5,), w, b)
+
+        def theirs(x, w, b):
+            return torch.nn.functional.layer_norm(x, (5,), w, b)
+    else:
+        def ours(x, w, b):
+            return ft.rms_norm(x, (5,), w) + 0 * b.sum()
+
+        def theirs(x, w, b):
+            return torch.nn.functional.rms_norm(x, (5,), w) + 0 * b.sum()
+
+    def both(transform):
+        torch.testing.assert_close(transform(ours), transform(theirs))
+
+    t = tuple(torch.randn(a.shape, dtype=torch.float64, generator=g) for a in (x, w, b))
+    both(lambda f: func.jvp(f, (x, w, b), t)[1])
+    both(lambda f: func.vmap(f, in_dims=(1, 0, 0))(x, wb, bb))
+    both(lambda f: func.vmap(f, in_dims=(None, 0, None))(x, wb, b))
+    both(lambda f: func.vmap(lambda x: f(x, w, b))(x))
+    both(lambda f: func.jacrev(lambda x: f(x, w, b))(x[0]))
+    both(lambda f: func.jacfwd(lambda x: f(x, w, b))(x[0]))
+    both(lambda f: func.grad(lambda w: f(x, w, b).sin().sum())(w))
+    both(lambda f: func.hessian(lambda x: f(x, w, b).sin().sum())(x[0, 0]))
 
 
 def test_torch_bfloat16_forward_and_errors():
