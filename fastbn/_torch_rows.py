@@ -154,11 +154,32 @@ def _affine_vmap(fn, info, in_dims, x, params, ns, eps):
     return (y, *out[1:]), (0,) * len(out)
 
 
+def _ln_forward(x, weight, bias, ns, eps):
+    """``(y, mean, rstd)`` tensors from the kernels."""
+    y, mean, rstd = _rows.layer_norm_forward(_np(x), ns, _np(weight), _np(bias), eps)
+    return _tensor(y), _tensor(mean), _tensor(rstd)
+
+
+def _ln_backward(dy, x, mean, rstd, ns, weight, bias_dtype):
+    """``(dx, dweight, dbias)`` from the kernels; dweight None without a weight, dbias None
+    without a bias (`bias_dtype` None)."""
+    dx, dw, db = _rows.layer_norm_backward(_np(dy), _np(x), _np(mean), _np(rstd), ns,
+                                           _np(weight))
+    dx = _tensor(dx)
+    dw = None if dw is None else _tensor(dw).to(weight.dtype)
+    if bias_dtype is None:
+        db = None
+    elif db is None:  # no weight: the kernels skip the affine gradients; db = sum of dy
+        db = _sum_lead(dy, _dims(dy, ns)[1]).to(bias_dtype)
+    else:
+        db = _tensor(db).to(bias_dtype)
+    return dx, dw, db
+
+
 class _LayerNormFn(_EagerFunction):
     @staticmethod
     def forward(x, weight, bias, ns, eps):
-        y, mean, rstd = _rows.layer_norm_forward(_np(x), ns, _np(weight), _np(bias), eps)
-        return _tensor(y), _tensor(mean), _tensor(rstd)
+        return _ln_forward(x, weight, bias, ns, eps)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -177,15 +198,8 @@ class _LayerNormFn(_EagerFunction):
         if _higher_order(dy):
             dx, dw, db = _ln_composite_backward(dy, x, ns, weight, bias, eps)
         else:
-            w = _np(weight) if weight is not None else None
-            dx, dw, db = _rows.layer_norm_backward(_np(dy), _np(x), _np(mean), _np(rstd), ns,
-                                                   w if w is not None else None)
-            dx = _tensor(dx)
-            dw = None if dw is None else _tensor(dw).to(weight.dtype)
-            db = None if (db is None or bias is None) else _tensor(db).to(bias.dtype)
-            if weight is None and bias is not None and need[2]:
-                # no weight: the kernels skip the affine gradients; db = sum of dy over rows
-                db = _sum_lead(dy, _dims(dy, ns)[1]).to(bias.dtype)
+            dx, dw, db = _ln_backward(dy, x, mean, rstd, ns, weight,
+                                      None if bias is None or not need[2] else bias.dtype)
         return (dx if need[0] else None, dw if need[1] else None, db if need[2] else None,
                 None, None)
 
@@ -213,6 +227,112 @@ class _LayerNormFn(_EagerFunction):
     @staticmethod
     def vmap(info, in_dims, x, weight, bias, ns, eps):
         return _affine_vmap(_LayerNormFn, info, in_dims, x, (weight, bias), ns, eps)
+
+
+# --------------------------------------------------------------------------- torch.compile
+# torch.compile cannot trace the eager Functions (their forward calls the NumPy kernels):
+# while compiling, the public functions call these custom operators instead, whose fake
+# implementations give the graph the shapes, dtypes and memory formats. The signatures are
+# parsed by torch.library.custom_op (typing.Optional, as in fastbn.torch's).
+from typing import Optional  # noqa: E402
+
+
+def _lead_shape(x, ns):
+    return tuple(x.shape[:x.dim() - len(ns)])
+
+
+@torch.library.custom_op("fastbn::layer_norm_fwd", mutates_args=())
+def _op_ln_fwd(input: Tensor, normalized_shape: list[int], weight: Optional[Tensor],  # noqa: UP045
+               bias: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor]:  # noqa: UP045
+    """Layer norm: ``(output, mean, rstd)``."""
+    return _ln_forward(input, weight, bias, tuple(normalized_shape), eps)
+
+
+@_op_ln_fwd.register_fake
+def _(input, normalized_shape, weight, bias, eps):
+    lead, sdt = _lead_shape(input, normalized_shape), _sdt(input.dtype)
+    return (input.new_empty(input.shape), input.new_empty(lead, dtype=sdt),
+            input.new_empty(lead, dtype=sdt))
+
+
+@torch.library.custom_op("fastbn::layer_norm_bwd", mutates_args=())
+def _op_ln_bwd(grad_output: Tensor, input: Tensor, mean: Tensor, rstd: Tensor,
+               normalized_shape: list[int], weight: Optional[Tensor],  # noqa: UP045
+               bias: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:  # noqa: UP045
+    """Layer norm's gradients ``(grad_input, grad_weight, grad_bias)``; the last two are
+    empty tensors where there is no weight or bias."""
+    dx, dw, db = _ln_backward(grad_output, input, mean, rstd, tuple(normalized_shape), weight,
+                              None if bias is None else bias.dtype)
+    empty = input.new_empty((0,))
+    return dx, empty if dw is None else dw, empty.clone() if db is None else db
+
+
+@_op_ln_bwd.register_fake
+def _(grad_output, input, mean, rstd, normalized_shape, weight, bias):
+    return (input.new_empty(input.shape),
+            input.new_empty((0,)) if weight is None else torch.empty_like(weight),
+            input.new_empty((0,)) if bias is None else torch.empty_like(bias))
+
+
+def _op_ln_setup_context(ctx, inputs, output):
+    input, normalized_shape, weight, bias, _eps = inputs
+    _y, mean, rstd = output
+    ctx.save_for_backward(input, weight, bias, mean, rstd)
+    ctx.ns = list(normalized_shape)
+
+
+def _op_ln_backward(ctx, grad_y, _g_mean, _g_rstd):
+    input, weight, bias, mean, rstd = ctx.saved_tensors
+    dx, dw, db = torch.ops.fastbn.layer_norm_bwd(grad_y, input, mean, rstd, ctx.ns, weight, bias)
+    need = ctx.needs_input_grad
+    return (dx if need[0] else None, None, dw if need[2] and weight is not None else None,
+            db if need[3] and bias is not None else None, None)
+
+
+_op_ln_fwd.register_autograd(_op_ln_backward, setup_context=_op_ln_setup_context)
+
+
+@torch.library.custom_op("fastbn::rms_norm_fwd", mutates_args=())
+def _op_rms_fwd(input: Tensor, normalized_shape: list[int], weight: Optional[Tensor],  # noqa: UP045
+                eps: float) -> tuple[Tensor, Tensor]:
+    """RMS norm: ``(output, rstd)``, the output in the input's memory format."""
+    return _rms_forward(input, weight, tuple(normalized_shape), eps)
+
+
+@_op_rms_fwd.register_fake
+def _(input, normalized_shape, weight, eps):
+    return torch.empty_like(input), input.new_empty(_lead_shape(input, normalized_shape),
+                                                    dtype=_sdt(input.dtype))
+
+
+@torch.library.custom_op("fastbn::rms_norm_bwd", mutates_args=())
+def _op_rms_bwd(grad_output: Tensor, input: Tensor, rstd: Tensor, normalized_shape: list[int],
+                weight: Optional[Tensor]) -> tuple[Tensor, Tensor]:  # noqa: UP045
+    """RMS norm's gradients ``(grad_input, grad_weight)`` (an empty tensor without weight)."""
+    dx, dw = _rms_backward(grad_output, input, rstd, tuple(normalized_shape), weight)
+    return dx, input.new_empty((0,)) if dw is None else dw
+
+
+@_op_rms_bwd.register_fake
+def _(grad_output, input, rstd, normalized_shape, weight):
+    return torch.empty_like(input), (input.new_empty((0,)) if weight is None
+                                     else torch.empty_like(weight))
+
+
+def _op_rms_setup_context(ctx, inputs, output):
+    input, normalized_shape, weight, _eps = inputs
+    ctx.save_for_backward(input, weight, output[1])
+    ctx.ns = list(normalized_shape)
+
+
+def _op_rms_backward(ctx, grad_y, _g_rstd):
+    input, weight, rstd = ctx.saved_tensors
+    dx, dw = torch.ops.fastbn.rms_norm_bwd(grad_y, input, rstd, ctx.ns, weight)
+    need = ctx.needs_input_grad
+    return dx if need[0] else None, None, dw if need[2] and weight is not None else None, None
+
+
+_op_rms_fwd.register_autograd(_op_rms_backward, setup_context=_op_rms_setup_context)
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
@@ -247,6 +367,8 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     if _negative(eps):
         return torch.nn.functional.layer_norm(input, normalized_shape, weight, bias, eps)
     ns = _ns(normalized_shape)
+    if torch.compiler.is_compiling():
+        return torch.ops.fastbn.layer_norm_fwd(input, list(ns), weight, bias, float(eps))[0]
     if _needs_graph(input, weight, bias):
         return _LayerNormFn.apply(input, weight, bias, ns, float(eps))[0]
     y = _rows.layer_norm(_np(input), ns, _np(weight), _np(bias), eps)
@@ -270,11 +392,22 @@ def _rms_composite_backward(dy, x, ns, weight, eps):
     return dx.to(x.dtype), dw
 
 
+def _rms_forward(x, weight, ns, eps):
+    """``(y, rstd)`` tensors from the kernels, y in x's memory format."""
+    y, rstd = _rows.rms_norm_forward(_np(x), ns, _np(weight), eps)
+    return _in_format_of(_tensor(y), x), _tensor(rstd)
+
+
+def _rms_backward(dy, x, rstd, ns, weight):
+    """``(dx, dweight)`` from the kernels (dweight None without a weight)."""
+    dx, dw = _rows.rms_norm_backward(_np(dy), _np(x), _np(rstd), ns, _np(weight))
+    return _in_format_of(_tensor(dx), x), None if dw is None else _tensor(dw).to(weight.dtype)
+
+
 class _RMSNormFn(_EagerFunction):
     @staticmethod
     def forward(x, weight, ns, eps):
-        y, rstd = _rows.rms_norm_forward(_np(x), ns, _np(weight), eps)
-        return _in_format_of(_tensor(y), x), _tensor(rstd)
+        return _rms_forward(x, weight, ns, eps)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -293,9 +426,7 @@ class _RMSNormFn(_EagerFunction):
         if _higher_order(dy):
             dx, dw = _rms_composite_backward(dy, x, ns, weight, eps)
         else:
-            dx, dw = _rows.rms_norm_backward(_np(dy), _np(x), _np(rstd), ns, _np(weight))
-            dx = _in_format_of(_tensor(dx), x)
-            dw = None if dw is None else _tensor(dw).to(weight.dtype)
+            dx, dw = _rms_backward(dy, x, rstd, ns, weight)
         return dx if need[0] else None, dw if need[1] else None, None, None
 
     @staticmethod
@@ -355,6 +486,8 @@ def rms_norm(input, normalized_shape, weight=None, eps=None):
         return torch.nn.functional.rms_norm(input, normalized_shape, weight, eps)
     ns = _ns(normalized_shape)
     eps = _rms_eps(eps, input.dtype)
+    if torch.compiler.is_compiling():
+        return torch.ops.fastbn.rms_norm_fwd(input, list(ns), weight, float(eps))[0]
     if _needs_graph(input, weight):
         return _RMSNormFn.apply(input, weight, ns, eps)[0]
     return _tensor(_rows.rms_norm(_np(input), ns, _np(weight), eps))

@@ -482,6 +482,39 @@ def test_torch_compile_model(backend):
     assert int(model[1].num_batches_tracked) == 1
 
 
+@pytest.mark.parametrize(
+    "backend",
+    ["aot_eager", pytest.param("inductor", marks=pytest.mark.skipif(
+        not _have_cxx(), reason="inductor needs a C++ compiler on CPU"))],
+)
+def test_torch_compile_row_norms(backend):
+    """torch.compile(fullgraph=True) of a model with fastbn's LayerNorm and RMSNorm: the
+    custom operators fastbn::layer_norm_fwd/_bwd and rms_norm_fwd/_bwd are traced (a graph
+    break would be an error), forward and backward agree with the eager model (bitwise
+    under aot_eager, which runs the same operators on the same data; within the Linear
+    layers' reordered sums, rel_tol(float32, 32), under inductor); dynamic batch sizes reuse
+    one graph."""
+    torch._dynamo.reset()
+    torch.manual_seed(11)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), ft.LayerNorm(32), torch.nn.GELU(),
+                                ft.RMSNorm(32), torch.nn.Linear(32, 4), ft.LayerNorm(4, bias=False))
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=True)
+    tol = rel_tol(torch.float32, 32)
+    for n in (5, 9):
+        x = torch.randn(n, 32)
+        y_c, y_e = compiled(x), eager(x)
+        g_c = torch.autograd.grad(y_c.square().sum(), list(model.parameters()))
+        g_e = torch.autograd.grad(y_e.square().sum(), list(eager.parameters()))
+        if backend == "aot_eager":
+            assert torch.equal(y_c, y_e)
+            assert all(torch.equal(a, b) for a, b in zip(g_c, g_e))
+        else:
+            assert_close(y_c, y_e, tol, scale=y_e.abs().max().item() + 1, what="compiled output")
+            for a, b in zip(g_c, g_e):
+                assert_close(a, b, tol, scale=b.abs().max().item() + 1, what="compiled grad")
+
+
 def test_torch_compile_dynamic_shapes_channels_last():
     # symbolic batch sizes: the fake implementations must derive shapes and strides
     # (channels_last kept) from symbolic sizes, without recompiling per batch size
