@@ -18,6 +18,8 @@ arrays, and CUDA tensors are not routed to them yet.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -234,7 +236,6 @@ class _LayerNormFn(_EagerFunction):
 # while compiling, the public functions call these custom operators instead, whose fake
 # implementations give the graph the shapes, dtypes and memory formats. The signatures are
 # parsed by torch.library.custom_op (typing.Optional, as in fastbn.torch's).
-from typing import Optional  # noqa: E402
 
 
 def _lead_shape(x, ns):
