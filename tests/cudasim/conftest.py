@@ -8,7 +8,8 @@ their own pytest process::
 In any other run (the main suite imports Numba without the simulator) the tests that
 need it are skipped with that instruction as the reason. A test module that does not need
 the simulator (the CPU emulation of the CUDA C kernels) sets ``REQUIRES_SIMULATOR = False``
-and runs in both.
+and runs in the main suite only: the simulator run skips it (it would test the same thing
+twice).
 """
 
 import os
@@ -23,6 +24,8 @@ REASON = ("needs the CUDA simulator: run `NUMBA_ENABLE_CUDASIM=1 python -m pytes
 @pytest.fixture(autouse=True, scope="module")
 def _require_simulator(request):
     if not getattr(request.module, "REQUIRES_SIMULATOR", True):
+        if SIMULATOR_ON:
+            pytest.skip("does not need the CUDA simulator: runs in the main suite")
         return
     if not SIMULATOR_ON:
         pytest.skip(REASON)
