@@ -25,10 +25,10 @@ are viewed zero-copy. Optional frameworks are imported only when their arrays sh
 from . import reference
 from ._buffers import cache_info, empty_cache, set_cache_limit
 from .backends import available_backends
-from .functional import batch_norm, batch_norm_backward, batch_norm_forward
-from .layers import BatchNorm
-from .rowlayers import LayerNorm, RMSNorm
-from .rownorm import (
+from .functional import (
+    batch_norm,
+    batch_norm_backward,
+    batch_norm_forward,
     layer_norm,
     layer_norm_backward,
     layer_norm_forward,
@@ -36,6 +36,8 @@ from .rownorm import (
     rms_norm_backward,
     rms_norm_forward,
 )
+from .layers import BatchNorm
+from .rowlayers import LayerNorm, RMSNorm
 
 __version__ = "0.1.0"
 

@@ -25,6 +25,9 @@ __all__ = [
     "check_running_stats",
     "check_like_x",
     "check_backward_args",
+    "check_normalized_shape",
+    "check_saved",
+    "check_shaped",
     "check_training_batch",
 ]
 
@@ -361,22 +364,22 @@ def _same_library(name: str, obj, arr, lib: str, library: str, like) -> None:
         )
 
 
-def _check_per_channel(name, obj, num_features, library, like, writable):
-    """:func:`check_per_channel` without the byte-order conversion."""
+def _check_shaped(name, obj, shape, library, like, writable, what=""):
+    """:func:`check_shaped` without the byte-order conversion (`obj` not None)."""
     arr, lib, _ = as_array(name, obj)
     _same_library(name, obj, arr, lib, library, like)
     _check_float_any_order(name, arr, _FLOAT_DTYPES)
-    if arr.ndim != 1 or arr.shape[0] != num_features:
-        raise ValueError(
-            f"{name} must have shape ({num_features},) (one value per feature), got {tuple(arr.shape)}"
-        )
+    if tuple(arr.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}{what}, got {tuple(arr.shape)}")
     if writable and not getattr(arr.flags, "writeable", True):  # CuPy arrays are always writable
         raise ValueError(f"{name} is read-only, but it is updated in place in training")
     return arr
 
 
-def check_per_channel(name: str, obj, num_features: int, library: str, like, *, writable: bool = False):
-    """Validate a per-channel array (weight, bias, running stats, saved statistics).
+def check_shaped(name: str, obj, shape: tuple, library: str, like, *, what: str = "",
+                 writable: bool = False):
+    """Validate an optional float array of exactly `shape` (a weight, a bias, running or saved
+    statistics).
 
     Parameters
     ----------
@@ -384,12 +387,14 @@ def check_per_channel(name: str, obj, num_features: int, library: str, like, *, 
         The argument's name, for error messages.
     obj : array or None
         The argument.
-    num_features : int
-        Its required length.
+    shape : tuple of int
+        Its required shape.
     library : str
         The library x comes from (:func:`source_library`); `obj` must come from it too.
     like : numpy.ndarray or cupy.ndarray
         x as returned by :func:`as_array`: `obj` must be on its device.
+    what : str, optional
+        Said after the shape in the error message (e.g. ``" (one value per feature)"``).
     writable : bool, optional
         `obj` is updated in place (running statistics in training).
 
@@ -409,11 +414,21 @@ def check_per_channel(name: str, obj, num_features: int, library: str, like, *, 
     """
     if obj is None:
         return None
-    if (type(obj) is np.ndarray and library == "numpy" and obj.shape == (num_features,)
+    if (type(obj) is np.ndarray and library == "numpy" and obj.shape == shape
             and obj.dtype in _FLOAT_DTYPES and (obj.flags.writeable or not writable)):
         return obj  # fast path for the common case; the checks below explain any failure
-    arr = _check_per_channel(name, obj, num_features, library, like, writable)
+    arr = _check_shaped(name, obj, shape, library, like, writable, what)
     return arr if writable else _native(name, arr, _FLOAT_DTYPES)
+
+
+#: what a per-feature array's shape error adds
+PER_FEATURE = " (one value per feature)"
+
+
+def check_per_channel(name: str, obj, num_features: int, library: str, like, *, writable: bool = False):
+    """:func:`check_shaped` for a per-feature array: shape ``(num_features,)``."""
+    return check_shaped(name, obj, (num_features,), library, like, what=PER_FEATURE,
+                        writable=writable)
 
 
 def check_running_stats(running_mean, running_var, num_features, library, like, *, training):
@@ -429,8 +444,9 @@ def check_running_stats(running_mean, running_var, num_features, library, like, 
         missing = "running_var" if running_var is None else "running_mean"
         raise ValueError("running_mean and running_var must either both be None or neither be "
                          f"None; {missing} is None")
-    rm = _check_per_channel("running_mean", running_mean, num_features, library, like, training)
-    rv = _check_per_channel("running_var", running_var, num_features, library, like, training)
+    shape = (num_features,)
+    rm = _check_shaped("running_mean", running_mean, shape, library, like, training, PER_FEATURE)
+    rv = _check_shaped("running_var", running_var, shape, library, like, training, PER_FEATURE)
     if _shares_memory(rm, rv):
         raise ValueError("running_mean and running_var must not share memory")
     if not training:
@@ -473,21 +489,27 @@ def check_like_x(name: str, obj, x, library: str):
     return _native(name, arr, _FLOAT_DTYPES)
 
 
+def check_saved(name: str, obj, shape: tuple, producer: str, library: str, like, *,
+                what: str = ""):
+    """Validate statistics saved by a forward function for its backward: required (None is
+    a TypeError naming `producer`), otherwise as :func:`check_shaped`."""
+    if obj is None:
+        raise TypeError(f"{name} must be the array {producer} returned, got None")
+    return check_shaped(name, obj, shape, library, like, what=what)
+
+
 def check_backward_args(dy, x, library, c, save_mean, save_invstd, weight):
-    """Validate the arguments of a backward call (x already validated).
+    """Validate the arguments of a batch-norm backward call (x already validated).
 
     `library` is the library x comes from (:func:`source_library`). Returns
     ``(dy, mean, invstd, weight)`` as arrays like x's, in native byte order (weight may be
     None).
     """
     d = check_like_x("dy", dy, x, library)
-    if save_mean is None or save_invstd is None:
-        raise TypeError("save_mean and save_invstd must be the arrays returned by "
-                        "batch_norm_forward, got None")
-    mean = check_per_channel("save_mean", save_mean, c, library, x)
-    invstd = check_per_channel("save_invstd", save_invstd, c, library, x)
+    stats = [check_saved(name, s, (c,), "batch_norm_forward", library, x, what=PER_FEATURE)
+             for name, s in (("save_mean", save_mean), ("save_invstd", save_invstd))]
     w = check_per_channel("weight", weight, c, library, x)
-    return d, mean, invstd, w
+    return (d, *stats, w)
 
 
 def check_training_batch(shape, axis: int) -> None:
@@ -526,20 +548,3 @@ def check_normalized_shape(normalized_shape, x_shape) -> tuple:
         raise ValueError(f"x's trailing dimensions must be normalized_shape {ns}, got x of shape "
                          f"{tuple(x_shape)}")
     return ns
-
-
-def check_shaped(name: str, obj, shape: tuple, library: str, like):
-    """An optional float array of exactly `shape` (layer and RMS norm's weight and bias, the
-    saved statistics), from x's library and device; native byte order (a copy otherwise).
-    None stays None."""
-    if obj is None:
-        return None
-    if (type(obj) is np.ndarray and library == "numpy" and obj.shape == shape
-            and obj.dtype in _FLOAT_DTYPES):
-        return obj  # fast path; the checks below explain any failure
-    arr, lib, _ = as_array(name, obj)
-    _same_library(name, obj, arr, lib, library, like)
-    _check_float_any_order(name, arr, _FLOAT_DTYPES)
-    if tuple(arr.shape) != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {tuple(arr.shape)}")
-    return _native(name, arr, _FLOAT_DTYPES)

@@ -9,7 +9,7 @@ import numpy as np
 
 from . import _validation as v
 from ._device import array_module
-from .functional import (
+from .batchnorm import (
     _batch_norm_backward_eval,
     batch_norm,
     batch_norm_backward,

@@ -8,104 +8,70 @@ the shape of the leading dimensions, in the statistics dtype (float32 for float1
 bfloat16 data, else x's); ``rstd = 1 / sqrt(var + eps)`` with the biased variance (RMS
 norm: the mean square), 0 where that sum is 0.
 
-The steps are :mod:`fastbn._pipeline`'s; this module adds the row ops' checks
-(``normalized_shape``, weight and bias of that shape, statistics of the leading shape) and
-their canonical view.
+Each function is one call of :func:`fastbn._pipeline.run` with the operation's hooks: the
+layout :class:`fastbn._layout.Rows` (``normalized_shape``, the ``(R, N)`` view; weight and
+bias of that shape, statistics of the leading shape), the roles of the arrays, the checks
+of the scalars and the backend function.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 
 from . import _pipeline
 from . import _validation as v
+from ._layout import Rows
+from ._pipeline import LIKE, PARAM, SAVED, Arg, Op
 
 __all__ = ["layer_norm", "layer_norm_backward", "layer_norm_forward", "rms_norm",
            "rms_norm_backward", "rms_norm_forward"]
 
 
-# --------------------------------------------------------------------------- the row view
-def _fast(x, normalized_shape, backend):
-    """``(backend, x2, leading shape, normalized shape)`` for the small-call fast path
-    (see :func:`fastbn._pipeline.fast_backend`), else None."""
-    be = _pipeline.fast_backend(x, backend)
-    if be is None:
-        return None
-    ns = (normalized_shape,) if type(normalized_shape) is int else normalized_shape
-    if type(ns) is not tuple or not ns:
-        return None
-    k = len(ns)
-    shape = x.shape
-    if len(shape) < k or shape[len(shape) - k:] != ns or not all(type(d) is int for d in ns):
-        return None
-    lead = shape[:len(shape) - k]
-    return be, x.reshape(math.prod(lead), math.prod(ns)), lead, ns
-
-
-def _prepare(x, normalized_shape, backend):
-    """The general path: ``(x as an array, library, wrap, backend, normalized shape)``."""
-    arr, lib, wrap, be = _pipeline.prepare(x, backend, min_ndim=1)
-    ns = v.check_normalized_shape(normalized_shape, arr.shape)
-    return arr, lib, wrap, be, ns
-
-
-def _rows(arr, ns, xp):
-    """``(x2, leading shape)``: the C-contiguous ``(R, N)`` view of `arr` (one copy when
-    `arr` is not C-ordered)."""
-    lead = arr.shape[:arr.ndim - len(ns)]
-    if not arr.flags.c_contiguous:
-        arr = xp.ascontiguousarray(arr)
-    return arr.reshape(math.prod(lead), math.prod(ns)), lead
-
-
-def _prepare_backward(dy, x, normalized_shape, weight, stats, backend, op):
-    """The backward functions' checks and views: ``(x as an array, wrap, backend,
-    normalized shape, kernel, statistics dtype, x2, dy2, the statistics as the kernels take
-    them, weight)``; `stats` are ``(name, array)`` pairs of the leading shape."""
-    arr, lib, wrap, be, ns = _prepare(x, normalized_shape, backend)
-    d = v.check_like_x("dy", dy, arr, lib)
-    lead = arr.shape[:arr.ndim - len(ns)]
-    checked = []
-    for name, s in stats:
-        s = v.check_shaped(name, s, lead, lib, arr)
-        if s is None:
-            raise TypeError(f"{name} must be the array {op}_forward returned, got None")
-        checked.append(s)
-    w = v.check_shaped("weight", weight, ns, lib, arr)
-    fn = _pipeline.kernel(be, f"{op}_backward")
-    sd = _pipeline.stats_dtype(be, arr.dtype)
-    x2, _ = _rows(arr, ns, be.xp)
-    dy2, _ = _rows(d if d.dtype == arr.dtype else d.astype(arr.dtype), ns, be.xp)
-    r = x2.shape[0]
-    stats2 = [_pipeline.param(s.reshape(-1), 0.0, r, be, sd) for s in checked]
-    return arr, wrap, be, ns, fn, sd, x2, dy2, stats2, w
-
-
-def _vector(p, default, n, be, sd):
-    """A weight or bias (shape `normalized_shape`) as the kernels take it: a contiguous
-    length-`n` array of the statistics dtype; None becomes `default`s."""
-    return _pipeline.param(None if p is None else p.reshape(n), default, n, be, sd)
-
-
-def _empty_forward(be, arr, lead, ns, sd, nstats):
-    """Forward results for an empty x: an empty y; statistics of the leading shape, NaN
-    (a row of no values has no mean; torch's CPU kernels give NaN rstd likewise)."""
-    xp = be.xp
-    stats = tuple(xp.full(lead, np.nan, dtype=sd) for _ in range(nstats))
-    return (xp.empty(arr.shape, arr.dtype), *stats)
+# --------------------------------------------------------------------------- the hooks
+_eps_of_dtype: dict = {}
 
 
 def _rms_eps(eps, dtype):
-    """``eps=None`` means ``finfo(x.dtype).eps``, as in torch's ``rms_norm``."""
-    if eps is None:
+    """``eps=None`` means ``finfo(x.dtype).eps``, as in torch's ``rms_norm``; otherwise a
+    finite float >= 0."""
+    if eps is not None:
+        return v.check_eps(eps)
+    e = _eps_of_dtype.get(dtype)
+    if e is None:
         if np.dtype(dtype).kind == "f":
-            return float(np.finfo(dtype).eps)
-        import ml_dtypes  # bfloat16 data: ml_dtypes is imported already
+            e = float(np.finfo(dtype).eps)
+        else:
+            import ml_dtypes  # bfloat16 data: ml_dtypes is imported already
 
-        return float(ml_dtypes.finfo(dtype).eps)
-    return v.check_eps(eps)
+            e = float(ml_dtypes.finfo(dtype).eps)
+        _eps_of_dtype[dtype] = e
+    return e
+
+
+def _check_rms_eps(eps):
+    """The scalar checker of RMS norm's ``eps``: None, or a finite float >= 0."""
+    return None if eps is None else v.check_eps(eps)
+
+
+def _rms_forward(fn, be, x2, arrays, scalars):
+    return fn(x2, arrays[0], _rms_eps(scalars[0], x2.dtype))
+
+
+_WEIGHT = Arg("weight", PARAM, 1.0)
+_DY = Arg("dy", LIKE)
+#: layer_norm_forward: fn(x2, weight, bias, eps) -> (y2, mean, rstd)
+LAYER_NORM_FORWARD = Op("layer_norm_forward", Rows, outputs="dss", scalars=(v.check_eps,),
+                        arrays=(_WEIGHT, Arg("bias", PARAM, 0.0)))
+#: layer_norm_backward: fn(dy2, x2, mean, rstd, weight) -> (dx2, dweight, dbias)
+LAYER_NORM_BACKWARD = Op("layer_norm_backward", Rows, outputs="dgg", grads_need=3, arrays=(
+    _DY, Arg("mean", SAVED, "layer_norm_forward"), Arg("rstd", SAVED, "layer_norm_forward"),
+    _WEIGHT))
+#: rms_norm_forward: fn(x2, weight, eps) -> (y2, rstd)
+RMS_NORM_FORWARD = Op("rms_norm_forward", Rows, outputs="ds", scalars=(_check_rms_eps,),
+                      arrays=(_WEIGHT,), compute=_rms_forward)
+#: rms_norm_backward: fn(dy2, x2, rstd, weight) -> (dx2, dweight)
+RMS_NORM_BACKWARD = Op("rms_norm_backward", Rows, outputs="dg", grads_need=2, arrays=(
+    _DY, Arg("rstd", SAVED, "rms_norm_forward"), _WEIGHT))
 
 
 # --------------------------------------------------------------------------- layer norm
@@ -156,27 +122,7 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, *,
     >>> mean
     array([1., 4.], dtype=float32)
     """
-    fast = _fast(x, normalized_shape, backend)
-    if fast is not None and _pipeline.fast_eps(eps):
-        be, x2, lead, ns = fast
-        sd = _pipeline.stats_dtype(be, x.dtype)
-        if _pipeline.fast_array(weight, ns) and _pipeline.fast_array(bias, ns):
-            n = x2.shape[1]
-            y2, mean, rstd = _pipeline.kernel(be, "layer_norm_forward")(
-                x2, _vector(weight, 1.0, n, be, sd), _vector(bias, 0.0, n, be, sd), eps)
-            return y2.reshape(x.shape), mean.reshape(lead), rstd.reshape(lead)
-    arr, lib, wrap, be, ns = _prepare(x, normalized_shape, backend)
-    w = v.check_shaped("weight", weight, ns, lib, arr)
-    b = v.check_shaped("bias", bias, ns, lib, arr)
-    eps = v.check_eps(eps)
-    fn = _pipeline.kernel(be, "layer_norm_forward")
-    sd = _pipeline.stats_dtype(be, arr.dtype)
-    x2, lead = _rows(arr, ns, be.xp)
-    if x2.size == 0:
-        return _pipeline.wrap(wrap, *_empty_forward(be, arr, lead, ns, sd, 2))
-    n = x2.shape[1]
-    y2, mean, rstd = fn(x2, _vector(w, 1.0, n, be, sd), _vector(b, 0.0, n, be, sd), eps)
-    return _pipeline.wrap(wrap, y2.reshape(arr.shape), mean.reshape(lead), rstd.reshape(lead))
+    return _pipeline.run(LAYER_NORM_FORWARD, x, normalized_shape, backend, (weight, bias), (eps,))
 
 
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, backend=None):
@@ -236,18 +182,8 @@ def layer_norm_backward(dy, x, mean, rstd, normalized_shape, weight=None, *, bac
         As :func:`layer_norm_forward`, and for `dy`, `mean` or `rstd` of the wrong shape,
         dtype or library.
     """
-    arr, wrap, be, ns, fn, sd, x2, dy2, (m, r), w = _prepare_backward(
-        dy, x, normalized_shape, weight, (("mean", mean), ("rstd", rstd)), backend, "layer_norm")
-    xp = be.xp
-    if x2.size == 0:
-        dx2, dw, db = xp.empty(x2.shape, arr.dtype), xp.zeros(ns, sd), xp.zeros(ns, sd)
-    else:
-        dx2, dw, db = fn(dy2, x2, m, r, _vector(w, 1.0, x2.shape[1], be, sd))
-        dw, db = dw.reshape(ns), db.reshape(ns)
-    dx = dx2.reshape(arr.shape)
-    if w is None:
-        return (_pipeline.wrap(wrap, dx), None, None)
-    return _pipeline.wrap(wrap, dx, dw, db)
+    return _pipeline.run(LAYER_NORM_BACKWARD, x, normalized_shape, backend,
+                         (dy, mean, rstd, weight))
 
 
 # --------------------------------------------------------------------------- RMS norm
@@ -290,24 +226,7 @@ def rms_norm_forward(x, normalized_shape, weight=None, eps=None, *, backend=None
     >>> y.round(4)
     array([[0.8485, 1.1314]])
     """
-    fast = _fast(x, normalized_shape, backend)
-    if fast is not None and (eps is None or _pipeline.fast_eps(eps)):
-        be, x2, lead, ns = fast
-        sd = _pipeline.stats_dtype(be, x.dtype)
-        if _pipeline.fast_array(weight, ns):
-            y2, rstd = _pipeline.kernel(be, "rms_norm_forward")(
-                x2, _vector(weight, 1.0, x2.shape[1], be, sd), _rms_eps(eps, x.dtype))
-            return y2.reshape(x.shape), rstd.reshape(lead)
-    arr, lib, wrap, be, ns = _prepare(x, normalized_shape, backend)
-    w = v.check_shaped("weight", weight, ns, lib, arr)
-    eps = _rms_eps(eps, arr.dtype)
-    fn = _pipeline.kernel(be, "rms_norm_forward")
-    sd = _pipeline.stats_dtype(be, arr.dtype)
-    x2, lead = _rows(arr, ns, be.xp)
-    if x2.size == 0:
-        return _pipeline.wrap(wrap, *_empty_forward(be, arr, lead, ns, sd, 1))
-    y2, rstd = fn(x2, _vector(w, 1.0, x2.shape[1], be, sd), eps)
-    return _pipeline.wrap(wrap, y2.reshape(arr.shape), rstd.reshape(lead))
+    return _pipeline.run(RMS_NORM_FORWARD, x, normalized_shape, backend, (weight,), (eps,))
 
 
 def rms_norm(x, normalized_shape, weight=None, eps=None, *, backend=None):
@@ -362,15 +281,4 @@ def rms_norm_backward(dy, x, rstd, normalized_shape, weight=None, *, backend=Non
     TypeError, ValueError
         As :func:`layer_norm_backward`.
     """
-    arr, wrap, be, ns, fn, sd, x2, dy2, (r,), w = _prepare_backward(
-        dy, x, normalized_shape, weight, (("rstd", rstd),), backend, "rms_norm")
-    xp = be.xp
-    if x2.size == 0:
-        dx2, dw = xp.empty(x2.shape, arr.dtype), xp.zeros(ns, sd)
-    else:
-        dx2, dw = fn(dy2, x2, r, _vector(w, 1.0, x2.shape[1], be, sd))
-        dw = dw.reshape(ns)
-    dx = dx2.reshape(arr.shape)
-    if w is None:
-        return (_pipeline.wrap(wrap, dx), None)
-    return _pipeline.wrap(wrap, dx, dw)
+    return _pipeline.run(RMS_NORM_BACKWARD, x, normalized_shape, backend, (dy, rstd, weight))

@@ -49,7 +49,8 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import _validation
 from . import backends as _backends
-from . import functional as _api
+from . import _pipeline
+from . import batchnorm as _bn
 from ._layout import restore as _restore
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormError", "BatchNormTypeError",
@@ -397,8 +398,14 @@ def _param_array(br, t: Optional[Tensor], sd: torch.dtype):  # noqa: UP045
     return _vector(br, t)
 
 
+def _kernel_vector(br, t: Optional[Tensor], default: float, sdt: torch.dtype, c: int, be, sd):  # noqa: UP045
+    """`t` as the kernels take a per-feature array (`default`s for None; see
+    :func:`fastbn._pipeline.param`)."""
+    return _pipeline.param(_param_array(br, t, sdt), default, c, be, sd)
+
+
 def _backend(br):
-    return _api._select_backend(br.lib, None)
+    return _pipeline.select_backend(br.lib, None)
 
 
 # ---------------------------------------------------------------------------------------
@@ -413,10 +420,11 @@ def _train(input, weight, bias, running_mean, running_var, momentum, eps):
         x3, perm, shape = _canonical(br, input)
         rm = None if running_mean is None else _vector(br, running_mean)
         rv = None if running_var is None else _vector(br, running_var)
-        y, mean, invstd = _api._forward_train3(
-            x3, perm, shape, be, _api._stats_dtype(be, x3.dtype), _param_array(br, weight, sdt),
-            _param_array(br, bias, sdt), eps, rm, rv, momentum)
-        out = br.tensor(y), br.tensor(mean), br.tensor(invstd)
+        c, sd = x3.shape[1], _pipeline.stats_dtype(be, x3.dtype)
+        y3, mean, invstd = _bn.forward_train3(
+            be, x3, _kernel_vector(br, weight, 1.0, sdt, c, be, sd),
+            _kernel_vector(br, bias, 0.0, sdt, c, be, sd), eps, rm, rv, momentum)
+        out = br.tensor(_restore(y3, perm, shape)), br.tensor(mean), br.tensor(invstd)
     if running_mean is not None:  # written behind torch's back: tell autograd
         torch.autograd.graph.increment_version((running_mean, running_var))
     return out
@@ -428,10 +436,12 @@ def _eval(input, running_mean, running_var, weight, bias, eps):
     with _bridge(input) as br:
         be = _backend(br)
         x3, perm, shape = _canonical(br, input)
-        y3 = _api._forward_eval3(
-            x3, None, be, _api._stats_dtype(be, x3.dtype), _param_array(br, running_mean, sdt),
-            _param_array(br, running_var, sdt), _param_array(br, weight, sdt),
-            _param_array(br, bias, sdt), eps)
+        c, sd = x3.shape[1], _pipeline.stats_dtype(be, x3.dtype)
+        y3 = be.forward_eval(
+            x3, _kernel_vector(br, running_mean, 0.0, sdt, c, be, sd),
+            _kernel_vector(br, running_var, 1.0, sdt, c, be, sd),
+            _kernel_vector(br, weight, 1.0, sdt, c, be, sd),
+            _kernel_vector(br, bias, 0.0, sdt, c, be, sd), eps)
         return br.tensor(_restore(y3, perm, shape))
 
 
@@ -446,10 +456,10 @@ def _backward(grad_output, input, mean, invstd, weight, need_input=True):
         x3, perm, shape = _canonical(br, input)
         c = x3.shape[1]
         dy3 = _same_layout(br, grad_output, perm, x3.shape)
-        sd = _api._stats_dtype(be, x3.dtype)
+        sd = _pipeline.stats_dtype(be, x3.dtype)
         dx3, dw, db = be.backward(
             dy3, x3, _param_array(br, mean, sdt), _param_array(br, invstd, sdt),
-            _api._param(_param_array(br, weight, sdt), 1.0, c, be, sd))
+            _kernel_vector(br, weight, 1.0, sdt, c, be, sd))
         return br.tensor(_restore(dx3, perm, shape)), br.tensor(dw), br.tensor(db)
 
 
@@ -461,10 +471,12 @@ def _eval_backward(grad_output, input, running_mean, running_var, weight, eps, n
     with _bridge(input) as br:
         be = _backend(br)
         x3, perm, shape = _canonical(br, input)
-        dx3, dw, db = _api._backward_eval3(
-            be, _api._stats_dtype(be, x3.dtype), _same_layout(br, grad_output, perm, x3.shape),
-            x3, _param_array(br, running_mean, sdt), _param_array(br, running_var, sdt),
-            _param_array(br, weight, sdt), eps)
+        c, sd = x3.shape[1], _pipeline.stats_dtype(be, x3.dtype)
+        dx3, dw, db = _bn.backward_eval3(
+            be, _same_layout(br, grad_output, perm, x3.shape), x3,
+            _kernel_vector(br, running_mean, 0.0, sdt, c, be, sd),
+            _kernel_vector(br, running_var, 1.0, sdt, c, be, sd),
+            _kernel_vector(br, weight, 1.0, sdt, c, be, sd), eps)
         return (br.tensor(_restore(dx3, perm, shape)) if needs[0] else None,
                 br.tensor(dw), br.tensor(db))
 

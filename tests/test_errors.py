@@ -215,7 +215,7 @@ BWD_CASES = [
      lambda s, be, a: a.batch_norm_backward(s["dy"], s["x"].astype(np.int16), s["mean"], s["invstd"], backend=be)),
     ("save_mean length", ValueError, r"save_mean must have shape \(3,\)",
      lambda s, be, a: a.batch_norm_backward(s["dy"], s["x"], s["mean"][:2], s["invstd"], backend=be)),
-    ("save_invstd None", TypeError, r"save_mean and save_invstd must be the arrays returned by batch_norm_forward",
+    ("save_invstd None", TypeError, r"save_invstd must be the array batch_norm_forward returned, got None",
      lambda s, be, a: a.batch_norm_backward(s["dy"], s["x"], s["mean"], None, backend=be)),
     ("weight length", ValueError, r"weight must have shape \(3,\)",
      lambda s, be, a: a.batch_norm_backward(s["dy"], s["x"], s["mean"], s["invstd"], np.ones(5, np.float32), backend=be)),

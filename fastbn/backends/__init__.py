@@ -1,8 +1,8 @@
 """Backend registry: which kernels run a given array.
 
 Every backend is a module exposing the same small set of functions. They work on the
-*canonical* form of the data and never validate: the public API in
-:mod:`fastbn.functional` validates once, canonicalizes, and calls them.
+*canonical* form of the data and never validate: the pipeline behind the public API
+(:func:`fastbn._pipeline.run`) validates once, canonicalizes, and calls them.
 
 Backend contract
 ----------------
