@@ -244,8 +244,9 @@ def test_parallel_sizes(shape, ns, dtype):
 @pytest.mark.parametrize("reps", [1, 40], ids=["serial", "parallel"])
 @pytest.mark.parametrize("dtype", [np.dtype(np.float32), np.dtype(np.float64)], ids=str)
 def test_consecutive_rows_are_independent(n, reps, dtype):
-    """The forward kernels take the statistics of row r + 1 in the loop over row r
-    (software pipelining): rows of very different kinds in sequence (a constant row, a
+    """Layer norm's forward takes the statistics of row r + 1 in the loop over row r
+    (software pipelining: float64 rows, and shorter float32 ones): rows of very different
+    kinds in sequence (a constant row, a
     large offset, zeros, an ordinary row, a one-value-different row), serial and parallel,
     each get their own statistics: exact for the constant and zero rows (eps = 0: rstd 0,
     y = bias), within the bounds for the others."""
@@ -269,8 +270,8 @@ def test_consecutive_rows_are_independent(n, reps, dtype):
 
 
 def test_large_offset_float32_keeps_float32_accuracy():
-    """Rows with |mean| / std = 1e4 in float32: the bound above holds (two-pass
-    statistics); the naive E[x^2] - E[x]^2 of the same data in float32 is off by far more."""
+    """Rows with |mean| / std = 1e4 in float32: the bound above holds (shifted float64
+    sums); the naive E[x^2] - E[x]^2 of the same data in float32 is off by far more."""
     rng = np.random.default_rng(1)
     x = (rng.standard_normal((64, 1024)) + 1e4).astype(np.float32)
     out = fastbn.layer_norm_forward(x, 1024)
@@ -280,6 +281,53 @@ def test_large_offset_float32_keeps_float32_accuracy():
     rr = fastbn.reference.layer_norm_forward(x, 1024)[2]
     naive_rstd = 1 / np.sqrt(np.maximum(naive_var, 0) + 1e-5)
     assert np.max(np.abs(naive_rstd - rr) / rr) > 0.1  # the bound is (k/2) u_s ~ 5e-7
+
+
+@pytest.mark.parametrize("n", [256, 1024, 4096, 4097, 10000], ids=lambda n: f"n{n}")
+@pytest.mark.parametrize("dtype, offset", [(np.dtype(np.float32), 1e4),
+                                           (np.dtype(np.float32), 1e6),
+                                           (np.dtype(np.float16), 8.0)], ids=str)
+def test_one_pass_statistics_at_their_worst_shift(n, dtype, offset):
+    """float32, float16 and bfloat16 rows are summed in one pass, shifted by the first value
+    of each block of 4096 (longer rows: several blocks, merged with Chan's formula; rows of
+    fewer than 512 values are summed in the loop over the previous row). Their cancellation
+    grows with ((mean - shift) / std)**2, largest when the shift is an outlier: here every
+    block starts with a value sqrt(m - 1) / 2 standard deviations from the mean, the rows
+    run serially and in parallel, and the forward still meets the two-pass bound of
+    check_layer_norm_forward. The mean is 1e4 std (float16: 8, as the Hypothesis data) or
+    1e6 std: there unshifted float64 sums would cancel ~u64 * 1e12 = 1e-4 of the variance,
+    outside the bound (5e-7)."""
+    rng = np.random.default_rng(n)
+    rows = 40 if n <= 4096 else 8
+    z = rng.standard_normal((rows, n))
+    z[:, ::4096] = math.sqrt(min(n, 4096) - 1) / 2  # every block's first value, the shift
+    for x in (((z + offset) * 0.01).astype(dtype)[:2], ((z + offset) * 0.01).astype(dtype)):
+        w = rng.uniform(0.5, 2.0, n).astype(np.float32)
+        b = rng.standard_normal(n).astype(np.float32)
+        check_layer_norm_forward(x, (n,), w, b, 1e-5, fastbn.layer_norm_forward(x, n, w, b))
+
+
+@pytest.mark.parametrize("n", [600, 9000], ids=lambda n: f"n{n}")
+def test_one_pass_constant_and_infinite_rows(n):
+    """A constant float32 row has variance exactly 0 (eps = 0: rstd 0, y = bias) on both
+    one-pass routes; rows with infinities or NaN give the statistics the float64 two-pass
+    kernel gives for the same values (an infinite mean, NaN for both signs; NaN rstd)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, n)).astype(np.float32)
+    x[0] = 0.1
+    x[1, 7] = np.inf
+    x[2, 0] = -np.inf
+    x[3, 5], x[3, n - 1] = np.inf, -np.inf
+    x[4, n // 2] = np.nan
+    b = np.full(n, 0.25, np.float32)
+    with np.errstate(invalid="ignore"):
+        y, mean, rstd = fastbn.layer_norm_forward(x, n, None, b, eps=0.0)
+        _, mean64, rstd64 = fastbn.layer_norm_forward(x.astype(np.float64), n, None, b, eps=0.0)
+    assert mean[0] == np.float32(0.1) and rstd[0] == 0 and (y[0] == np.float32(0.25)).all()
+    np.testing.assert_array_equal(mean[1:5], mean64[1:5].astype(np.float32))
+    np.testing.assert_array_equal(rstd[1:5], rstd64[1:5].astype(np.float32))  # NaN == NaN here
+    assert np.isinf(mean[1:3]).all() and np.isnan(mean[3:5]).all() and np.isnan(rstd[1:5]).all()
+    check_layer_norm_forward(x[5:], (n,), None, b, 0.0, (y[5:], mean[5:], rstd[5:]))
 
 
 # --------------------------------------------------------------------------- torch parity

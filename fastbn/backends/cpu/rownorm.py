@@ -2,18 +2,35 @@
 ``(R, N)`` array (``N`` the product of the normalized trailing dimensions).
 
 A row is usually cache-resident, so each kernel reads it from memory once: the row's
-statistics (two passes over the cached row: the shifted sum of :mod:`._moments` for the
-mean, then the squared deviations from it; RMS norm sums squares, which cannot cancel),
-then the elementwise pass over the same row. The forward loops are software-pipelined: the
-first statistics pass of row r + 1 runs in the same loop as a pass over row r (layer norm:
-its squared deviations; RMS norm, rows of at least ``_PIPELINE_MIN_N`` values: its
-normalization), so that the next row's reads from memory overlap this row's arithmetic.
-Parallel over ranges of rows; calls of at most ``SERIAL_MAX`` values run serially. The backward accumulates ``dweight``/``dbias`` as
-float64 partial column sums per range of rows, merged once at the end (no shared
+statistics, then the elementwise pass over the same row while it is in cache. Some forward
+loops are software-pipelined (the statistics of row r + 1 summed in the same loop as a
+pass over row r, so that the next row's reads overlap this row's arithmetic): layer
+norm's two-pass statistics, and its one-pass statistics on rows of fewer than
+``_PIPELINE_MAX_N`` values (measured: see there). Parallel over ranges of rows; calls of
+at most ``SERIAL_MAX`` values run serially. The backward accumulates ``dweight``/``dbias``
+as float64 partial column sums per range of rows, merged once at the end (no shared
 accumulator).
 
-Arithmetic: float64 statistics; the elementwise passes compute in float64 for float32 and
-float64 data and in float32 for float16 and bfloat16 data (as batch norm's, see
+Statistics, all in float64:
+
+* Layer norm of float32, float16 and bfloat16 data: **one pass** over each block of at
+  most ``_BLOCK`` values, summing ``d = x - k`` and ``d**2`` with ``k`` the block's first
+  value (0 if that is not finite); the block's mean is ``k + sum(d) / m`` and its M2
+  ``sum(d**2) - sum(d)**2 / m`` (negative rounding clamped to 0); blocks merge with
+  Chan's formula. This is not ``E[x**2] - E[x]**2`` in the data's precision:
+  the cancellation grows with ``((mean - k) / std)**2``, which is at most ``m - 1`` for a
+  value k of the block (no value of a sample lies further than ``sqrt(m - 1)`` standard
+  deviations from its mean), and the sums are float64, so the relative error of the
+  variance is at most about ``3 m**2 u64`` (5.6e-9 for m = 4096, whatever the mean; u64 =
+  2**-53), well below float32's 6e-8 (docs/numerics.md). A constant row has d = 0
+  exactly: its variance is exactly 0.
+* Layer norm of float64 data: the two-pass algorithm over the cached row (the shifted sum
+  of :mod:`._moments` for the mean, then the squared deviations from it): float64 data
+  would not keep float64 accuracy through the one-pass sums.
+* RMS norm sums squares, which cannot cancel.
+
+Arithmetic: the elementwise passes compute in float64 for float32 and float64 data and in
+float32 for float16 and bfloat16 data (as batch norm's, see
 :func:`fastbn.backends.cpu._half.cf`), one rounding per output value.
 """
 
@@ -21,12 +38,14 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
+from numba.extending import overload
 
 from ... import _buffers, _threading
 from .. import _jitcache
 from ._half import cf, ld, st
-from ._moments import _invstd, _k, _shift, _sqdev, _sum
+from ._moments import _chan, _finite_or_zero, _float64_data, _invstd, _k, _shift, _sqdev, _sum
 from ._plan import (
+    _BLOCK,
     _EW,
     _F32,
     _HALF_TYPES,
@@ -42,11 +61,21 @@ __all__ = ["layer_norm_backward", "layer_norm_forward", "rms_norm_backward",
            "rms_norm_forward"]
 
 
-#: RMS norm's forward pipelines rows of at least this many values. Measured (float32, 2
-#: cores, fastest of 5 blocks, 3 alternating runs): the pipelined loop took (16384, 1024)
-#: from 5.6-6.1 to 4.7 ms and (2048, 12288) from 9.2-11.8 to 7.4-7.6 ms, but (65536, 128)
-#: from 1.64-1.68 to 1.77-1.86 ms (a second loop's overhead per short row).
-_PIPELINE_MIN_N = 512
+#: Layer norm's one-pass forward pipelines rows of fewer than this many values: their sums
+#: are taken in the loop normalizing the previous row. Longer rows are summed, then
+#: normalized, row by row (the row stays in cache between the two loops); RMS norm is
+#: never pipelined. Measured (float32, 2 cores, AMD EPYC, ``bench/row_kernels_ab.py``, time
+#: relative to the two-pass pipelined kernel, two runs): one-pass unfused 0.80-0.85 on
+#: (16384, 1024), 0.76-0.87 on (8192, 2048), 0.84-0.87 on (2048, 12288), against pipelined
+#: 0.83-0.86, 0.88-0.89, 0.84-0.85; equal within 0.08 on (4096, 4096) and (32768, 512); on
+#: (65536, 128) pipelined 1.00-1.02 against unfused 1.05-1.06. RMS norm unfused: 0.49-0.76
+#: against pipelined 0.63-0.81 on the first three shapes; slower by 0.01-0.03 on
+#: (2048, 12288) and (65536, 128), and by 0.07 then 0.05 better on (32768, 512). A loop that
+#: stores row r while it loads row r + 1 is also sensitive to where the output lies in a
+#: page relative to the input (4K aliasing; the script's last check), the unfused loops
+#: are not. (On an Intel Xeon an earlier measurement had found pipelined RMS norm faster
+#: on rows of >= 512 values: bench/results/rows-2026-12-08-notes.md.)
+_PIPELINE_MAX_N = 512
 
 
 # --------------------------------------------------------------------------------------
@@ -88,6 +117,63 @@ def _ln_apply(xf, yf, o, n, mu, rs, w, b):
 
 
 @njit(fastmath=_RED, **_OPTS)
+def _shifted_sums(xf, i0, i1, k):
+    """``(sum(x - k), sum((x - k)**2))`` over xf[i0:i1], in one pass."""
+    s1 = 0.0
+    s2 = 0.0
+    for i in range(np.uint64(i0), np.uint64(i1)):
+        d = np.float64(ld(xf[i])) - k
+        s1 += d
+        s2 += d * d
+    return s1, s2
+
+
+@njit(**_OPTS)
+def _block_moments(k, s1, s2, m):
+    """``(mean, M2)`` of m values from their shifted sums (see the module docstring)."""
+    m2 = s2 - s1 * (s1 / m)
+    if m2 < 0.0:  # rounding; NaN stays NaN
+        m2 = 0.0
+    return k + s1 / m, m2
+
+
+@njit(**_OPTS)
+def _one_pass_moments(xf, o, n):
+    """``(mean, M2)`` of the row xf[o:o + n]: blocks of at most _BLOCK values, one pass
+    each, merged with Chan's formula."""
+    cnt = 0.0
+    mean = 0.0
+    m2 = 0.0
+    for b0 in range(o, o + n, _BLOCK):
+        b1 = min(b0 + _BLOCK, o + n)
+        k = _finite_or_zero(ld(xf[b0]))
+        s1, s2 = _shifted_sums(xf, b0, b1, k)
+        mb, m2b = _block_moments(k, s1, s2, b1 - b0)
+        cnt, mean, m2 = _chan(cnt, mean, m2, np.float64(b1 - b0), mb, m2b)
+    return mean, m2
+
+
+@njit(fastmath=_RED, **_OPTS)
+def _ln_apply_and_next_sums(xf, yf, o, n, mu, rs, w, b, k):
+    """:func:`_ln_apply` over row xf[o:o + n], fused with the shifted sums of the next row
+    (returned, see :func:`_shifted_sums`). The output is ``(x - mean) * rstd * w + b``:
+    reassociation may regroup the product (a rounding's difference), never the
+    subtraction, which LLVM does not distribute over."""
+    m = cf(mu, yf)
+    r = cf(rs, yf)
+    u = np.uint64(o)
+    v = np.uint64(o + n)
+    s1 = 0.0
+    s2 = 0.0
+    for j in range(np.uint64(n)):
+        yf[u + j] = st((ld(xf[u + j]) - m) * r * w[j] + b[j], yf)
+        d = np.float64(ld(xf[v + j])) - k
+        s1 += d
+        s2 += d * d
+    return s1, s2
+
+
+@njit(fastmath=_RED, **_OPTS)
 def _sumsq(xf, i0, i1):
     q = 0.0
     for i in range(np.uint64(i0), np.uint64(i1)):
@@ -103,23 +189,6 @@ def _rms_apply(xf, yf, o, n, rs, w):
     u = np.uint64(o)
     for j in range(np.uint64(n)):
         yf[u + j] = st(ld(xf[u + j]) * r * w[j], yf)
-
-
-@njit(fastmath=_RED, **_OPTS)
-def _rms_apply_and_next_sumsq(xf, yf, o, n, rs, w):
-    """:func:`_rms_apply` over row xf[o:o + n], fused with the sum of squares of the next
-    row (returned), so that the next row's reads overlap this row's work. The output is a
-    product of three factors, which reassociation may regroup (a rounding's difference,
-    no cancellation): this loop may carry the reduction's ``reassoc`` flag."""
-    r = cf(rs, yf)
-    u = np.uint64(o)
-    v = np.uint64(o + n)
-    q = 0.0
-    for j in range(np.uint64(n)):
-        yf[u + j] = st(ld(xf[u + j]) * r * w[j], yf)
-        t = np.float64(ld(xf[v + j]))
-        q += t * t
-    return q
 
 
 @njit(fastmath=_RED, **_OPTS)
@@ -171,10 +240,56 @@ def _rms_bapply(dyf, xf, dxf, o, n, rs, w, c, dwp):
 # --------------------------------------------------------------------------------------
 # Ranges of rows (a serial call is the range of all rows)
 # --------------------------------------------------------------------------------------
-@njit(**_OPTS)
 def _ln_fwd_rows(xf, yf, r0, r1, n, w, b, eps, mean, rstd):
-    """Rows r0..r1-1, software-pipelined: the squared deviations of row r are summed in the
-    same loop as the values of row r + 1 (two passes over each row all the same)."""
+    """Layer norm's forward over rows r0..r1-1: :func:`_ln_fwd_rows_two_pass` for float64
+    data, :func:`_ln_fwd_rows_one_pass` otherwise. (``@njit`` only.)"""
+    raise NotImplementedError("_ln_fwd_rows is only usable inside Numba-compiled code")
+
+
+@overload(_ln_fwd_rows)
+def _ln_fwd_rows_impl(xf, yf, r0, r1, n, w, b, eps, mean, rstd):
+    if _float64_data(xf):
+        return lambda xf, yf, r0, r1, n, w, b, eps, mean, rstd: _ln_fwd_rows_two_pass(
+            xf, yf, r0, r1, n, w, b, eps, mean, rstd)
+    return lambda xf, yf, r0, r1, n, w, b, eps, mean, rstd: _ln_fwd_rows_one_pass(
+        xf, yf, r0, r1, n, w, b, eps, mean, rstd)
+
+
+@njit(**_OPTS)
+def _ln_fwd_rows_one_pass(xf, yf, r0, r1, n, w, b, eps, mean, rstd):
+    """Rows r0..r1-1 with one-pass statistics (see the module docstring): rows of fewer
+    than _PIPELINE_MAX_N values pipelined (row r + 1's sums taken in the loop normalizing
+    row r), longer rows summed block by block, then normalized."""
+    if n >= _PIPELINE_MAX_N:
+        for r in range(r0, r1):
+            o = r * n
+            mu, m2 = _one_pass_moments(xf, o, n)
+            rs = _invstd(m2 / n, eps)
+            mean[r] = mu
+            rstd[r] = rs
+            _ln_apply(xf, yf, o, n, mu, rs, w, b)
+        return
+    if r1 <= r0:
+        return
+    k = _finite_or_zero(ld(xf[r0 * n]))
+    s1, s2 = _shifted_sums(xf, r0 * n, r0 * n + n, k)
+    for r in range(r0, r1):
+        o = r * n
+        mu, m2 = _block_moments(k, s1, s2, n)
+        rs = _invstd(m2 / n, eps)
+        mean[r] = mu
+        rstd[r] = rs
+        if r + 1 < r1:
+            k = _finite_or_zero(ld(xf[o + n]))
+            s1, s2 = _ln_apply_and_next_sums(xf, yf, o, n, mu, rs, w, b, k)
+        else:
+            _ln_apply(xf, yf, o, n, mu, rs, w, b)
+
+
+@njit(**_OPTS)
+def _ln_fwd_rows_two_pass(xf, yf, r0, r1, n, w, b, eps, mean, rstd):
+    """Rows r0..r1-1, two-pass statistics, software-pipelined: the squared deviations of
+    row r are summed in the same loop as the values of row r + 1."""
     if r1 <= r0:
         return
     mu = _ln_mean(xf, r0 * n, n)
@@ -196,26 +311,12 @@ def _ln_fwd_rows(xf, yf, r0, r1, n, w, b, eps, mean, rstd):
 
 @njit(**_OPTS)
 def _rms_fwd_rows(xf, yf, r0, r1, n, w, eps, rstd):
-    """Rows r0..r1-1, software-pipelined for rows of at least ``_PIPELINE_MIN_N`` values: the
-    sum of squares of row r + 1 is taken in the loop that normalizes row r."""
-    if n < _PIPELINE_MIN_N:
-        for r in range(r0, r1):
-            o = r * n
-            rs = _invstd(_sumsq(xf, o, o + n) / n, eps)
-            rstd[r] = rs
-            _rms_apply(xf, yf, o, n, rs, w)
-        return
-    if r1 <= r0:
-        return
-    q = _sumsq(xf, r0 * n, r0 * n + n)
+    """Rows r0..r1-1: each row's sum of squares, then its normalization (the row in cache)."""
     for r in range(r0, r1):
         o = r * n
-        rs = _invstd(q / n, eps)
+        rs = _invstd(_sumsq(xf, o, o + n) / n, eps)
         rstd[r] = rs
-        if r + 1 < r1:
-            q = _rms_apply_and_next_sumsq(xf, yf, o, n, rs, w)
-        else:
-            _rms_apply(xf, yf, o, n, rs, w)
+        _rms_apply(xf, yf, o, n, rs, w)
 
 
 @njit(**_OPTS)
