@@ -36,7 +36,16 @@ from .backends import stats_dtype  # the shared rule: float16 data, float32 stat
 
 __all__ = ["batch_norm", "layer_norm", "rms_norm"]
 
-_SUPPORTED_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+_SUPPORTED_DTYPES = (np.dtype(np.float16), np.dtype(jnp.bfloat16), np.dtype(np.float32),
+                     np.dtype(np.float64))
+_DTYPE_NAMES = "float16, bfloat16, float32 or float64"
+
+
+def _check_dtype(name: str, a) -> None:
+    """A TypeError unless `a` has one of the dtypes the kernels take (JAX's bfloat16 is
+    ml_dtypes', which fastbn's CPU kernels read and write)."""
+    if np.dtype(a.dtype) not in _SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must have dtype {_DTYPE_NAMES}, got {a.dtype}")
 
 
 def _reduced_count(shape, axis: int) -> int:
@@ -50,9 +59,15 @@ def _reduced_count(shape, axis: int) -> int:
 # ---------------------------------------------------------------------------------------
 # Host side: what the callbacks run (NumPy arrays in, NumPy arrays out)
 # ---------------------------------------------------------------------------------------
+_BF16 = np.dtype(jnp.bfloat16)
+
+
 def _host(a) -> np.ndarray:
-    """A NumPy view of a callback argument (JAX hands over CPU arrays; older versions NumPy)."""
-    return a if isinstance(a, np.ndarray) else np.from_dlpack(a)
+    """A NumPy view of a callback argument (JAX hands over CPU arrays; older versions NumPy).
+    DLPack has no bfloat16 for NumPy: such arrays come through ``__array__``."""
+    if isinstance(a, np.ndarray):
+        return a
+    return np.asarray(a) if a.dtype == _BF16 else np.from_dlpack(a)
 
 
 def _host_forward(x, weight, bias, *, axis: int, eps: float):
@@ -186,8 +201,7 @@ def _check_param(name, p, c, x_dtype):
         )
     if not hasattr(p, "shape") or not hasattr(p, "dtype"):
         raise TypeError(f"{name} must be an array or None, got {type(p).__name__}")
-    if np.dtype(p.dtype) not in _SUPPORTED_DTYPES:
-        raise TypeError(f"{name} must have dtype float16, float32 or float64, got {p.dtype}")
+    _check_dtype(name, p)
     if tuple(p.shape) != (c,):
         raise ValueError(f"{name} must have shape ({c},) (one value per feature), got {tuple(p.shape)}")
     return jnp.asarray(p)
@@ -202,7 +216,7 @@ def batch_norm(x, weight=None, bias=None, *, axis=1, eps=1e-5):
     Parameters
     ----------
     x : jax.Array
-        Input of dtype float16, float32 or float64 (float64 needs
+        Input of dtype float16, bfloat16, float32 or float64 (float64 needs
         ``jax_enable_x64``), at least 2-d, with more than one value per feature.
     weight, bias : jax.Array or None
         Shape ``(C,)`` with ``C = x.shape[axis]``; None means ones and zeros. Their
@@ -224,14 +238,15 @@ def batch_norm(x, weight=None, bias=None, *, axis=1, eps=1e-5):
         ``(C,)``. For a running average in PyTorch's convention use the unbiased
         ``var * M / (M - 1)``, ``M = x.size // C``.
 
-    ``mean`` and ``var`` are float32 for float16 input and of `x`'s dtype otherwise.
+    ``mean`` and ``var`` are float32 for float16 and bfloat16 input and of `x`'s dtype
+    otherwise.
     All three outputs are differentiable.
 
     Raises
     ------
     TypeError
-        If `x`, `weight` or `bias` is not a float16/32/64 array, or `axis`/`eps` has the
-        wrong type.
+        If `x`, `weight` or `bias` is not a float16/bfloat16/float32/float64 array, or
+        `axis`/`eps` has the wrong type.
     ValueError
         If `x` has fewer than 2 dimensions or one value per feature, `axis` is out of
         range, `weight`/`bias` do not have shape ``(C,)`` or `eps` is negative.
@@ -246,8 +261,7 @@ def batch_norm(x, weight=None, bias=None, *, axis=1, eps=1e-5):
     """
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise TypeError(f"x must be a JAX array, got {type(x).__name__}")
-    if np.dtype(x.dtype) not in _SUPPORTED_DTYPES:
-        raise TypeError(f"x must have dtype float16, float32 or float64, got {x.dtype}")
+    _check_dtype("x", x)
     x = jnp.asarray(x)
     if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
         raise TypeError(f"axis must be an int, got {type(axis).__name__}")
@@ -343,8 +357,7 @@ def _rows_args(x, normalized_shape, params):
 
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise TypeError(f"x must be a JAX array, got {type(x).__name__}")
-    if np.dtype(x.dtype) not in _SUPPORTED_DTYPES:
-        raise TypeError(f"x must have dtype float16, float32 or float64, got {x.dtype}")
+    _check_dtype("x", x)
     x = jnp.asarray(x)
     ns = _validation.check_normalized_shape(normalized_shape, x.shape)
     sdt = stats_dtype(x.dtype)
@@ -355,8 +368,7 @@ def _rows_args(x, normalized_shape, params):
             continue
         if not hasattr(p, "shape") or not hasattr(p, "dtype"):
             raise TypeError(f"{name} must be an array or None, got {type(p).__name__}")
-        if np.dtype(p.dtype) not in _SUPPORTED_DTYPES:
-            raise TypeError(f"{name} must have dtype float16, float32 or float64, got {p.dtype}")
+        _check_dtype(name, p)
         if tuple(p.shape) != ns:
             raise ValueError(f"{name} must have shape {ns}, got {tuple(p.shape)}")
         out.append(jnp.asarray(p))
@@ -372,7 +384,7 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     Parameters
     ----------
     x : jax.Array
-        float16, float32 or float64.
+        float16, bfloat16, float32 or float64.
     normalized_shape : int or tuple of int
         The trailing dimensions normalized together.
     weight, bias : jax.Array or None
@@ -404,7 +416,7 @@ def rms_norm(x, normalized_shape, weight=None, eps=None):
     Parameters
     ----------
     x : jax.Array
-        float16, float32 or float64.
+        float16, bfloat16, float32 or float64.
     normalized_shape : int or tuple of int
         The trailing dimensions normalized together.
     weight : jax.Array or None
@@ -426,5 +438,5 @@ def rms_norm(x, normalized_shape, weight=None, eps=None):
     from . import _validation
 
     x, ns, (w, b) = _rows_args(x, normalized_shape, (("weight", weight, 1.0), ("bias", None, 0.0)))
-    eps = float(np.finfo(np.dtype(x.dtype)).eps) if eps is None else _validation.check_eps(eps)
+    eps = float(jnp.finfo(x.dtype).eps) if eps is None else _validation.check_eps(eps)
     return _rows(x, w, b, ns, eps, "rms_norm")
