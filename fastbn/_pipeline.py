@@ -306,7 +306,7 @@ def _fast_path(op) -> str:
                      f"        {p} = {p}.reshape(xv.shape)",
                      "    else:",
                      "        return SLOW"]
-        else:  # fast_running_stats, inline; read ones converted as PARAM
+        else:  # RUNNING's predicate (see above); read ones converted as PARAM
             m, v = f"{p}m", f"{p}v"
             code += [f"    {m}, {v} = {p}",
                      f"    if {m} is None:",
