@@ -156,43 +156,33 @@ def test_vmap_normalizes_each_element_on_its_own():
     assert_close(g, g_r, tol * 4, scale=float(jnp.abs(g_r).max()) + 1)
 
 
-def test_float16_input():
-    # float16 data with float32 statistics; y is rounded to float16 (relative error
-    # 2^-11), which dominates: compare with the float32 oracle to 2 float16 ulps of max|y|.
+@pytest.mark.parametrize("dtype, ulp", [(jnp.float16, 2.0**-11), (jnp.bfloat16, 2.0**-8)],
+                         ids=["float16", "bfloat16"])
+def test_16_bit_input(dtype, ulp):
+    """16-bit data with float32 statistics (JAX's bfloat16 is ml_dtypes.bfloat16, which the
+    CPU kernels read and write); y is rounded to the data's dtype (relative error `ulp`),
+    which dominates: batch norm, layer norm and RMS norm (eps None: the dtype's own
+    epsilon, 2 ulp) against float32 oracles on the same 16-bit values, to 2 ulps of
+    max|y|; gradients come back in the data's dtype."""
     x, w, b = make_case((16, 4, 5), 1, np.float32, 5)
-    xh = x.astype(jnp.float16)
+    xh = x.astype(dtype)
+    x32 = xh.astype(jnp.float32)
     y, mean, var = jax.jit(fj.batch_norm)(xh, w, b)
-    y_r, _, var_r = jnp_batch_norm(xh.astype(jnp.float32), w, b)
-    assert y.dtype == jnp.float16 and mean.dtype == jnp.float32 and var.dtype == jnp.float32
-    assert_close(y, y_r, 2 * 2.0**-11, scale=float(jnp.abs(y_r).max()))
+    y_r, _, var_r = jnp_batch_norm(x32, w, b)
+    assert y.dtype == dtype and mean.dtype == jnp.float32 and var.dtype == jnp.float32
+    assert_close(y, y_r, 2 * ulp, scale=float(jnp.abs(y_r).max()))
     assert_close(var, var_r, rel_tol(np.float32, 80))
-    gx, gw = jax.grad(lambda x, w: jnp.sum(fj.batch_norm(x, w, b)[0].astype(jnp.float32) ** 2),
-                      argnums=(0, 1))(xh, w.astype(jnp.float16))
-    assert gx.dtype == jnp.float16 and gw.dtype == jnp.float16
-
-
-def test_bfloat16_input():
-    """JAX's bfloat16 is ml_dtypes.bfloat16, which the CPU kernels read and write: float32
-    statistics, y rounded to bfloat16 (relative error 2^-8), gradients in bfloat16; batch
-    norm, layer norm and RMS norm (eps None: bfloat16's own epsilon, 2^-7) against float32
-    oracles on the same bfloat16 values, to 2 bfloat16 ulps of max|y|."""
-    x, w, b = make_case((16, 4, 5), 1, np.float32, 7)
-    xb = x.astype(jnp.bfloat16)
-    y, mean, var = jax.jit(fj.batch_norm)(xb, w, b)
-    y_r, _, var_r = jnp_batch_norm(xb.astype(jnp.float32), w, b)
-    assert y.dtype == jnp.bfloat16 and mean.dtype == jnp.float32 and var.dtype == jnp.float32
-    assert_close(y, y_r, 2 * 2.0**-8, scale=float(jnp.abs(y_r).max()))
-    assert_close(var, var_r, rel_tol(np.float32, 80))
-    x32 = xb.astype(jnp.float32)
-    rows = [(fj.layer_norm(xb, 5, w[:1].repeat(5), b[:1].repeat(5)),
-             jnp_layer_norm(x32, (5,), w[:1].repeat(5), b[:1].repeat(5))),
-            (fj.rms_norm(xb, (4, 5)), jnp_rms_norm(x32, (4, 5), 1.0, 2.0**-7))]
+    w5, b5 = w[:1].repeat(5), b[:1].repeat(5)
+    rows = [(fj.layer_norm(xh, 5, w5, b5), jnp_layer_norm(x32, (5,), w5, b5)),
+            (fj.rms_norm(xh, (4, 5)), jnp_rms_norm(x32, (4, 5), 1.0, 2 * ulp))]
     for got, want in rows:
-        assert got.dtype == jnp.bfloat16
-        assert_close(got, want, 2 * 2.0**-8, scale=float(jnp.abs(want).max()))
-    gx, gw = jax.grad(lambda x, w: jnp.sum(fj.layer_norm(x, 5, w).astype(jnp.float32) ** 2),
-                      argnums=(0, 1))(xb, jnp.ones(5, jnp.bfloat16))
-    assert gx.dtype == jnp.bfloat16 and gw.dtype == jnp.bfloat16
+        assert got.dtype == dtype
+        assert_close(got, want, 2 * ulp, scale=float(jnp.abs(want).max()))
+    for f, c in ((lambda x, w: fj.batch_norm(x, w, b)[0], 4),
+                 (lambda x, w: fj.layer_norm(x, 5, w), 5)):
+        gx, gw = jax.grad(lambda x, w, f=f: jnp.sum(f(x, w).astype(jnp.float32) ** 2),
+                          argnums=(0, 1))(xh, jnp.ones(c, dtype))
+        assert gx.dtype == dtype and gw.dtype == dtype
 
 
 def test_host_arrays_are_views_of_jax_buffers(monkeypatch):
