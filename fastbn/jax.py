@@ -435,8 +435,8 @@ def rms_norm(x, normalized_shape, weight=None, eps=None):
     >>> fastbn.jax.rms_norm(jnp.array([[2.0, -2.0]]), 2, eps=0.0)
     Array([[ 1., -1.]], dtype=float32)
     """
-    from . import _validation
+    from .rownorm import _rms_eps
 
     x, ns, (w, b) = _rows_args(x, normalized_shape, (("weight", weight, 1.0), ("bias", None, 0.0)))
-    eps = float(jnp.finfo(x.dtype).eps) if eps is None else _validation.check_eps(eps)
+    eps = _rms_eps(eps, np.dtype(x.dtype))  # None: finfo(x.dtype).eps, the core API's rule
     return _rows(x, w, b, ns, eps, "rms_norm")
